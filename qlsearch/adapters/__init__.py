@@ -1,0 +1,61 @@
+"""One registry for every adapter method: ``attach(model, method, **knobs)``.
+
+A study names a method by string; the registry maps it to a function that
+wraps a base model and returns the adapted model. PEFT's own methods are used
+through PEFT, never rewritten.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from difflib import get_close_matches
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    attach: Callable[..., nn.Module]
+    summary: str
+    knobs: dict[str, object] = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.name in _REGISTRY:
+        raise ValueError(f"adapter method {method.name!r} is already registered")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = get_close_matches(name, _REGISTRY, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"method: unknown adapter {name!r}; allowed: {', '.join(sorted(_REGISTRY))}.{hint}"
+        ) from None
+
+
+def list_methods() -> list[Method]:
+    return [_REGISTRY[n] for n in sorted(_REGISTRY)]
+
+
+def attach(model: nn.Module, method: str, **knobs) -> nn.Module:
+    """Adapt ``model`` with ``method`` (a registry name) and return the adapted model.
+
+    Only the adapter's parameters are left trainable. Knobs not given take the
+    method's defaults (``list_methods()`` shows them).
+
+    >>> adapted = attach(model, "queryable", r=8, num_atoms=16, top_k=4)
+    """
+    return get_method(method).attach(model, **knobs)
+
+
+from qlsearch.adapters import _builtin  # noqa: E402,F401  (registers the built-in methods)

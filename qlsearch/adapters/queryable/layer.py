@@ -1,0 +1,97 @@
+"""The adapted linear: ``y = W0 x + (alpha/r) B (s + g S_b s)``, ``s = A dropout(x)``.
+
+The forward is a handful of tensor ops (DESIGN.md, "Where the time goes"): the
+route ``S_b`` is computed once per block (by the block's first state
+projection) and only read here. While decoding, the route is held, so
+``(alpha/r)(I + g S_b) A`` is folded once per route into a per-example factor
+and each step costs one batched matmul, as LoRA's does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qlsearch.adapters.queryable.router import AtomRouter
+from qlsearch.adapters.queryable.state import RoutingState
+
+
+class QueryableLinear(nn.Module):
+    """One adapted projection. ``A``, ``B`` and the gate ``eta`` are its own; ``S_b`` is its block's.
+
+    Placement in the model is set by ``QueryableModel``: ``unit`` and ``block``
+    indices, and on the first state projection of each unit, ``state_layers``
+    (the unit's Q, K, V projections, whose mean state is the unit state).
+    """
+
+    def __init__(self, base_layer: nn.Linear, r: int, scaling: float, dropout: float, init_gate: float):
+        super().__init__()
+        self.base_layer = base_layer
+        w = base_layer.weight
+        self.lora_A = nn.Parameter(torch.empty(r, base_layer.in_features, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, r, device=w.device, dtype=w.dtype))
+        self.gate_logit = nn.Parameter(torch.full((), float(init_gate), device=w.device, dtype=w.dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT LoRA's initialisation
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling = scaling
+        self.r = r
+        self.unit = 0
+        self.block = 0
+        self.is_entry = False
+        self._shared: tuple[AtomRouter, RoutingState] | None = None  # a tuple: not a submodule
+        self.state_layers: tuple[QueryableLinear, ...] = ()
+        self._folded: Tensor | None = None
+        self._folded_version = -1
+
+    @property
+    def gate(self) -> Tensor:
+        """``g = sigmoid(eta)``."""
+        return torch.sigmoid(self.gate_logit)
+
+    def forward(self, x: Tensor) -> Tensor:
+        router, state = self._shared
+        if state.hold and state.fold and not self.training:
+            return self._forward_folded(x, state)
+        if self.state_layers and not state.hold:
+            self._record_unit_state(x, router, state)
+        route = state.routes.get(self.block)
+        if route is None:
+            raise RuntimeError(
+                f"block {self.block} has no route: its entry projection must run before the "
+                "block's other adapted projections (is the model's forward order unusual?)"
+            )
+        return self.base_layer(x) + self.routed_update(x, route.operator)
+
+    def routed_update(self, x: Tensor, operator: Tensor) -> Tensor:
+        """``(alpha/r) B (s + g S s)`` with ``s = A dropout(x)``; ``operator`` is ``S`` (batch x r x r)."""
+        s = F.linear(self.dropout(x), self.lora_A)
+        s3 = s.reshape(operator.shape[0], -1, self.r)
+        t = torch.baddbmm(s3, s3, operator.transpose(1, 2) * self.gate)  # s + g s S^T, row-wise
+        return F.linear(t.view_as(s), self.lora_B) * self.scaling
+
+    def _record_unit_state(self, x: Tensor, router: AtomRouter, state: RoutingState) -> None:
+        """Unit state: mean over the unit's Q, K, V of the token-averaged ``A^p x`` (eq. 15-16).
+
+        The token average commutes with ``A``, so it is taken once on ``x``.
+        The state is read without dropout: routing sees the input itself, so the
+        train-time route matches the eval-time one.
+        """
+        A = torch.cat([layer.lora_A for layer in self.state_layers])
+        s = F.linear(state.token_mean(x), A).unflatten(-1, (len(self.state_layers), self.r)).mean(-2)
+        state.unit_states[self.unit] = s
+        if self.is_entry:
+            state.route_block(router, self.block, s)
+
+    def _forward_folded(self, x: Tensor, state: RoutingState) -> Tensor:
+        if self._folded_version != state.version:
+            S = state.routes[self.block].operator
+            A = self.lora_A
+            self._folded = self.scaling * (A + self.gate * (S @ A))  # (batch, r, d_in)
+            self._folded_version = state.version
+        folded = self._folded
+        x3 = x.reshape(folded.shape[0], -1, x.shape[-1])
+        update = F.linear(torch.bmm(x3, folded.transpose(1, 2)), self.lora_B)
+        return self.base_layer(x) + update.view(*x.shape[:-1], -1)

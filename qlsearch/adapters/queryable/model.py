@@ -1,0 +1,337 @@
+"""Attach the queryable adapter to a model: units, blocks, the routing context, save/load.
+
+A *unit* is one transformer layer (its adapted projections share the unit's
+state), or one adapted linear in a model without a layer list (a plain MLP).
+Units are split into ``num_blocks`` contiguous blocks of near-equal size; each
+block gets one route per example.
+
+The per-forward context (route mask, instruction) reaches the adapted layers
+through a forward pre-hook on the base model, so it also works inside
+``generate``, which calls the base model's forward itself. A forward with a
+non-empty KV cache, and every forward after the first inside ``generate``,
+holds the routes of the prefill: the route is computed once from the prompt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from qlsearch.adapters.queryable.config import QueryableConfig
+from qlsearch.adapters.queryable.encoder import InstructionEncoder
+from qlsearch.adapters.queryable.layer import QueryableLinear
+from qlsearch.adapters.queryable.router import AtomRouter
+from qlsearch.adapters.queryable.state import RoutingState, token_weights_from_mask
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+Instruction = str | Sequence[str | None] | Tensor | None
+
+
+def _matches(name: str, targets: Sequence[str]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _layer_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The ``nn.ModuleList`` with the most children holding a linear: the transformer layers."""
+    best, best_count = None, 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList):
+            count = sum(any(isinstance(m, nn.Linear) for m in child.modules()) for child in module)
+            if count > best_count:
+                best, best_count = (name, module), count
+    return best
+
+
+def find_units(model: nn.Module, config: QueryableConfig) -> list[list[str]]:
+    """Names of the linears to adapt, grouped into units in forward order."""
+    layers = _layer_list(model)
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if config.target_modules is None:
+        prefix = layers[0] + "." if layers else ""
+        targets = [n for n in linears if n.startswith(prefix)]
+    else:
+        targets = [n for n in linears if _matches(n, config.target_modules)]
+    if not targets:
+        shown = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in linears})[:20])
+        raise ValueError(
+            f"target_modules: {config.target_modules!r} matches no nn.Linear; linears here: {shown}"
+        )
+    if layers is None:
+        return [[n] for n in targets]
+    prefix = layers[0] + "."
+    outside = [n for n in targets if not n.startswith(prefix)]
+    if outside:
+        raise ValueError(
+            f"target_modules: {outside[0]!r} lies outside the transformer layers ({layers[0]}); "
+            "the queryable adapter routes per layer, so adapt only linears inside them"
+        )
+    units: dict[str, list[str]] = {}
+    for n in targets:
+        units.setdefault(n[len(prefix):].split(".", 1)[0], []).append(n)
+    return list(units.values())
+
+
+def split_blocks(num_units: int, num_blocks: int) -> list[list[int]]:
+    """Contiguous blocks of near-equal size (the first ``num_units % num_blocks`` one larger)."""
+    if num_blocks > num_units:
+        raise ValueError(
+            f"num_blocks: got {num_blocks}; allowed: 1 to the number of adapted units ({num_units})"
+        )
+    return [chunk.tolist() for chunk in torch.arange(num_units).tensor_split(num_blocks)]
+
+
+def parameter_count(config: QueryableConfig, shapes: Sequence[tuple[int, int]]) -> int:
+    """Trainable parameters of the adapter on linears of ``(d_in, d_out)`` shapes.
+
+    ``sum_p [r (d_in + d_out) + 1]``  (A, B and the gate of each projection)
+    ``+ M r^2 + M d_k``               (atoms and keys)
+    ``+ B d_k``                       (block priors w)
+    ``+ 3 r d_k + d_k^2``             (Q_cur, Q_dep, Q_dep,k; Q_dep,q)
+    ``+ 2 d_e d_k``                   (Q_ctx, R_ctx)
+    """
+    c = config
+    per_projection = sum(c.r * (d_in + d_out) + 1 for d_in, d_out in shapes)
+    memory = c.num_atoms * (c.r * c.r + c.d_k) + c.num_blocks * c.d_k
+    maps = 3 * c.r * c.d_k + c.d_k * c.d_k + 2 * c.instruction_dim * c.d_k
+    return per_projection + memory + maps
+
+
+class QueryableModel(nn.Module):
+    """A base model with Queryable LoRA on its linears; the base weights are frozen.
+
+    ``forward`` and ``generate`` take two extra keywords:
+
+    * ``instruction``: text (one string, or one per example, ``None`` for none),
+      or embeddings (``d_e`` or ``batch x d_e``); ignored when
+      ``tau_lang = lambda_ctx = 0``.
+    * ``route_mask``: ``batch x tokens``, 1 where the route may look (for causal-LM
+      training, the prompt tokens only). Defaults to ``attention_mask``.
+
+    >>> model = QueryableModel(AutoModelForCausalLM.from_config(cfg), QueryableConfig(r=8))
+    >>> out = model(input_ids=ids, attention_mask=mask, instruction="Solve the problem.")
+    >>> model.routing_trace()[0]["alpha"].shape  # (batch, M)
+    """
+
+    def __init__(self, base_model: nn.Module, config: QueryableConfig):
+        super().__init__()
+        self.base_model = base_model
+        self.config = config
+        base_model.requires_grad_(False)
+        units = find_units(base_model, config)
+        blocks = split_blocks(len(units), config.num_blocks)
+        first = base_model.get_submodule(units[0][0]).weight
+        with torch.random.fork_rng(devices=[]) if config.seed is not None else contextlib.nullcontext():
+            if config.seed is not None:
+                torch.manual_seed(config.seed)
+            self.router = AtomRouter(config).to(device=first.device, dtype=first.dtype)
+            self.state = RoutingState(blocks=blocks)
+            self.adapted: list[str] = []
+            block_of = {u: b for b, members in enumerate(blocks) for u in members}
+            for unit, names in enumerate(units):
+                layers = [self._replace(name) for name in names]
+                for layer in layers:
+                    layer.unit, layer.block = unit, block_of[unit]
+                    layer._shared = (self.router, self.state)
+                state_layers = [
+                    layer for name, layer in zip(names, layers, strict=True)
+                    if name.rsplit(".", 1)[-1] in config.state_modules
+                ] or layers[:1]
+                state_layers[0].state_layers = tuple(state_layers)
+                state_layers[0].is_entry = blocks[block_of[unit]][0] == unit
+                self.adapted += names
+        self._pending_instruction: Tensor | None = None
+        self._pending_route_mask: Tensor | None = None
+        self._generating = False
+        self._prefilled = False
+        self._encoder: InstructionEncoder | None = None
+        base_model.register_forward_pre_hook(self._begin_forward, with_kwargs=True)
+
+    def _replace(self, name: str) -> QueryableLinear:
+        parent_name, _, child = name.rpartition(".")
+        parent = self.base_model.get_submodule(parent_name)
+        c = self.config
+        layer = QueryableLinear(getattr(parent, child), c.r, c.scaling, c.dropout, c.init_gate)
+        setattr(parent, child, layer)
+        return layer
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)  # config, device, generation_config, ...
+
+    # ---- the per-forward context --------------------------------------------------------
+
+    @property
+    def instruction_encoder(self) -> InstructionEncoder:
+        if self._encoder is None:
+            self._encoder = InstructionEncoder(self.config.instruction_encoder)
+        return self._encoder
+
+    def embed_instruction(self, instruction: Instruction) -> Tensor | None:
+        """``e(c)`` as ``rows x d_e`` on the adapter's device (rows: 1 or one per example)."""
+        c = self.config
+        if instruction is None or (c.tau_lang == 0 and c.lambda_ctx == 0):
+            return None  # Prop. D.7(a): the instruction cannot change the route
+        if isinstance(instruction, str):
+            instruction = [instruction]
+        if not isinstance(instruction, Tensor):
+            instruction = self.instruction_encoder(list(instruction))
+        if instruction.dim() == 1:
+            instruction = instruction.unsqueeze(0)
+        if instruction.shape[-1] != c.instruction_dim:
+            raise ValueError(
+                f"instruction: embedding width {instruction.shape[-1]} != instruction_dim "
+                f"{c.instruction_dim}; set instruction_dim to the encoder's width"
+            )
+        ref = self.router.keys
+        return instruction.to(device=ref.device, dtype=ref.dtype)
+
+    def _begin_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        state = self.state
+        cache = kwargs.get("past_key_values")
+        cached = cache is not None and (
+            cache.get_seq_length() > 0 if hasattr(cache, "get_seq_length") else True
+        )
+        if (self._generating and self._prefilled) or (cached and state.routes):
+            state.hold = True
+            return
+        batch = self._batch_size(args, kwargs)
+        mask = self._pending_route_mask
+        if mask is None:
+            mask = kwargs.get("attention_mask")
+            if mask is not None and mask.dim() != 2:
+                raise ValueError(
+                    "route_mask: the attention_mask is not 2-D (batch x tokens); pass route_mask"
+                )
+        instruction = _rows_for(self._pending_instruction, batch, "instruction")
+        state.begin(token_weights_from_mask(_rows_for(mask, batch, "route_mask")), instruction)
+        if instruction is not None and self.config.tau_lang != 0:
+            state.log_prior = self.router.language_log_prior(instruction)
+        self._prefilled = self._generating
+
+    @staticmethod
+    def _batch_size(args: tuple, kwargs: dict) -> int | None:
+        for x in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args[:1]):
+            if isinstance(x, Tensor):
+                return x.shape[0]
+        return None
+
+    @contextlib.contextmanager
+    def _context(self, instruction: Instruction, route_mask: Tensor | None, generating: bool):
+        self._pending_instruction = self.embed_instruction(instruction)
+        self._pending_route_mask = route_mask
+        self._generating, self._prefilled = generating, False
+        try:
+            yield
+        finally:
+            self._pending_instruction = self._pending_route_mask = None
+            self._generating = self._prefilled = False
+            if generating:
+                self.state.hold = False
+
+    def forward(self, *args, instruction: Instruction = None, route_mask: Tensor | None = None, **kwargs):
+        with self._context(instruction, route_mask, generating=False):
+            return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, instruction: Instruction = None, route_mask: Tensor | None = None, **kwargs):
+        """``base_model.generate`` with the route computed at prefill and held for every step.
+
+        Beam search and ``num_return_sequences`` repeat batch rows; the
+        instruction and route mask are repeated the same way.
+        """
+        with self._context(instruction, route_mask, generating=True):
+            return self.base_model.generate(*args, **kwargs)
+
+    def gradient_checkpointing_enable(self, **kwargs) -> None:
+        """Non-reentrant checkpointing, so recomputed layers read the forward's routes."""
+        kwargs.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
+        if kwargs["gradient_checkpointing_kwargs"].get("use_reentrant", True):
+            raise ValueError("gradient_checkpointing_kwargs: use_reentrant must be False")
+        self.base_model.gradient_checkpointing_enable(**kwargs)
+
+    # ---- observability ---------------------------------------------------------------
+
+    def routing_trace(self) -> list[dict[str, Tensor | int | None]]:
+        """Per block, from the last forward: ``alpha`` (batch x M), ``active`` (batch x k),
+        ``beta`` (batch x earlier blocks, None for the first) and ``operator_norm``
+        (the spectral norm ``||S_b||``, per example)."""
+        trace = []
+        for block, route in sorted(self.state.routes.items()):
+            S = route.operator.detach().float()
+            trace.append({
+                "block": block,
+                "alpha": route.alpha.detach().cpu(),
+                "active": route.active.detach().cpu(),
+                "beta": None if route.beta is None else route.beta.detach().cpu(),
+                "operator_norm": torch.linalg.matrix_norm(S, ord=2).cpu(),
+            })
+        return trace
+
+    # ---- parameters, save and load ------------------------------------------------------
+
+    def adapter_state_dict(self) -> dict[str, Tensor]:
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+    def num_trainable_parameters(self) -> int:
+        """Equals ``parameter_count(config, shapes of the adapted linears)``."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def adapted_shapes(self) -> list[tuple[int, int]]:
+        layers = [self.base_model.get_submodule(n).base_layer for n in self.adapted]
+        return [(layer.in_features, layer.out_features) for layer in layers]
+
+    def print_trainable_parameters(self) -> None:
+        total = sum(p.numel() for p in self.parameters())
+        trainable = self.num_trainable_parameters()
+        print(f"trainable params: {trainable:,} || all params: {total:,} || "
+              f"trainable%: {100 * trainable / total:.4f}")
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Adapter weights (safetensors) and config (JSON); the base model is not saved."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {n: t.contiguous() for n, t in self.adapter_state_dict().items()}
+        save_file(tensors, str(directory / ADAPTER_WEIGHTS))
+        (directory / ADAPTER_CONFIG).write_text(
+            json.dumps({"method": "queryable", **self.config.to_dict()}, indent=2) + "\n"
+        )
+
+    def load_adapter(self, directory: str | Path) -> None:
+        tensors = load_file(str(Path(directory) / ADAPTER_WEIGHTS))
+        expected = set(self.adapter_state_dict())
+        if set(tensors) != expected:
+            missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+            raise ValueError(
+                f"adapter checkpoint {directory} does not fit this model: "
+                f"missing {missing[:3]}, unexpected {extra[:3]}"
+            )
+        self.load_state_dict(tensors, strict=False)
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, directory: str | Path) -> QueryableModel:
+        data = json.loads((Path(directory) / ADAPTER_CONFIG).read_text())
+        data.pop("method", None)
+        model = cls(base_model, QueryableConfig.from_dict(data))
+        model.load_adapter(directory)
+        return model
+
+
+def _rows_for(x: Tensor | None, batch: int | None, name: str) -> Tensor | None:
+    """Match ``x``'s rows to the forward's batch: broadcast one row, or repeat each row
+    as ``generate`` does for beams and ``num_return_sequences``."""
+    if x is None or batch is None or x.shape[0] == batch:
+        return x
+    if batch % x.shape[0] == 0:
+        return x.repeat_interleave(batch // x.shape[0], dim=0)
+    raise ValueError(f"{name}: {x.shape[0]} rows for a batch of {batch}; give one row or one per example")

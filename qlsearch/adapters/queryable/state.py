@@ -1,0 +1,80 @@
+"""What one forward pass shares between the adapted layers: mask, instruction, states, routes.
+
+Writes are keyed by unit and block, never appended, so a forward recomputed by
+gradient checkpointing rewrites the same entries with the same values instead of
+adding to them: the recomputed layers see the route of the original forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from qlsearch.adapters.queryable.router import AtomRouter, Route
+
+
+@dataclass
+class RoutingState:
+    blocks: list[list[int]] = field(default_factory=list)  # unit ids of each block, in order
+    #: (batch, tokens) weights of the mask-aware token average (rows sum to 1),
+    #: or None: average uniformly over tokens (or take 2-D inputs as they are).
+    token_weights: Tensor | None = None
+    instruction: Tensor | None = None  # e(c), (batch, d_e)
+    log_prior: Tensor | None = None  # log p(c), (batch, M); the same for every block
+    unit_states: dict[int, Tensor] = field(default_factory=dict)  # unit -> (batch, r)
+    block_means: dict[int, Tensor] = field(default_factory=dict)  # block -> sbar_b
+    routes: dict[int, Route] = field(default_factory=dict)
+    #: True while the routes are held fixed (decoding after prefill).
+    hold: bool = False
+    #: Bumped whenever a new set of routes begins; folded decode factors compare it.
+    version: int = 0
+    #: Fold (alpha/r)(I + g S_b) A into one factor while routes are held (exact up to rounding).
+    fold: bool = True
+
+    def begin(self, token_weights: Tensor | None, instruction: Tensor | None) -> None:
+        """Start a new forward pass that computes its own routes."""
+        self.token_weights = token_weights
+        self.instruction = instruction
+        self.log_prior = None
+        self.unit_states.clear()
+        self.block_means.clear()
+        self.routes.clear()
+        self.hold = False
+        self.version += 1
+
+    def route_block(self, router: AtomRouter, block: int, entry_state: Tensor) -> None:
+        """Route ``block`` from its entry state and the completed blocks' mean states.
+
+        The just-completed block's mean is (re)computed on every call and the earlier
+        ones are read back, so a recomputed forward runs exactly the same ops.
+        """
+        means = None
+        if block > 0:
+            last = self.blocks[block - 1]
+            self.block_means[block - 1] = torch.stack([self.unit_states[u] for u in last]).mean(0)
+            means = torch.stack([self.block_means[i] for i in range(block)], dim=1)
+        self.routes[block] = router.route(block, entry_state, means, self.instruction, self.log_prior)
+
+    def token_mean(self, x: Tensor) -> Tensor:
+        """Mask-aware average of ``x`` (batch x tokens x d) over the tokens the route may see."""
+        if x.dim() == 2:
+            return x
+        if self.token_weights is None:
+            return x.mean(dim=-2)
+        w = self.token_weights
+        if w.shape != x.shape[:2]:
+            raise ValueError(
+                f"route_mask has shape {tuple(w.shape)} but the adapted layer sees "
+                f"(batch, tokens) = {tuple(x.shape[:2])}; pass one mask entry per input token"
+            )
+        return torch.bmm(w.unsqueeze(1).to(x.dtype), x).squeeze(1)
+
+
+def token_weights_from_mask(mask: Tensor | None) -> Tensor | None:
+    """Row-normalised weights from a 0/1 mask (batch x tokens); all-zero rows stay zero."""
+    if mask is None:
+        return None
+    mask = mask.float()
+    return mask / mask.sum(-1, keepdim=True).clamp(min=1.0)

@@ -1,0 +1,281 @@
+"""Attaching the adapter to real architectures: invariances, generation, checkpointing, save/load."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from qlsearch.adapters import attach
+from qlsearch.adapters.queryable import (
+    QueryableConfig,
+    QueryableLinear,
+    QueryableModel,
+    parameter_count,
+)
+from tests.conftest import BUILDERS, VOCAB, randomize_adapter, tiny_mlp, tiny_qwen2
+
+KNOBS = {"r": 4, "num_atoms": 8, "top_k": 3, "num_blocks": 2, "d_k": 16, "seed": 0}
+
+
+def adapted(kind: str, **knobs) -> QueryableModel:
+    base = tiny_mlp() if kind == "mlp" else BUILDERS[kind]()
+    extra = {"target_modules": ["0", "2", "4", "6", "8", "10"]} if kind == "mlp" else {}
+    model = QueryableModel(base, QueryableConfig(**{**KNOBS, **extra, **knobs}))
+    randomize_adapter(model)
+    return model.eval()
+
+
+def tokens(batch=3, length=8, seed=1):
+    return torch.randint(1, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def run(model, x, **kw):
+    with torch.no_grad():
+        out = model(x, **kw)
+    return out if isinstance(out, torch.Tensor) else (
+        out.logits if hasattr(out, "logits") else out.last_hidden_state)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama", "bert", "mlp"])
+def test_attach_keeps_base_output_at_init_and_trains_only_the_adapter(kind):
+    base = tiny_mlp() if kind == "mlp" else BUILDERS[kind]()
+    x = torch.randn(4, 2) if kind == "mlp" else tokens()
+    before = run(base, x)
+    extra = {"target_modules": ["0", "2", "4", "6", "8", "10"]} if kind == "mlp" else {}
+    model = attach(base, "queryable", **KNOBS, **extra)
+    torch.testing.assert_close(run(model, x), before)  # B = 0 at init
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(("lora_" in n or "gate_logit" in n or n.startswith("router.")) for n in trainable)
+    assert model.num_trainable_parameters() == parameter_count(model.config, model.adapted_shapes())
+    layers_per_unit = 7 if kind in ("qwen2", "llama") else 6 if kind == "bert" else 1
+    assert len(model.adapted) == (4 if kind != "mlp" else 6) * layers_per_unit
+
+
+def test_units_share_one_route_per_block_and_blocks_are_contiguous():
+    model = adapted("qwen2", num_blocks=3)
+    layers = [m for m in model.modules() if isinstance(m, QueryableLinear)]
+    blocks = [layer.block for layer in layers]
+    assert blocks == sorted(blocks) and set(blocks) == {0, 1, 2}
+    assert model.state.blocks == [[0, 1], [2], [3]]
+    entries = [layer for layer in layers if layer.is_entry]
+    assert len(entries) == 3 and all(len(e.state_layers) == 3 for e in entries)  # q, k, v
+
+
+def test_parameter_count_formula_matches_at_the_qwen_shape():
+    cfg = QueryableConfig(r=8, num_atoms=16, top_k=4, num_blocks=4)
+    shapes = [(896, 896), (896, 128), (896, 128), (896, 896), (896, 4864), (896, 4864), (4864, 896)] * 24
+    lora = sum(8 * (a + b) for a, b in shapes)
+    assert lora == 4_399_104  # the paper's Table 6 LoRA row
+    extra = 168 + 16 * 64 + 16 * 64 + 4 * 64 + 3 * 8 * 64 + 64 * 64 + 2 * 384 * 64
+    assert parameter_count(cfg, shapes) == lora + extra
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "bert"])
+def test_batch_invariance(kind):
+    """An example's output does not depend on its batch-mates."""
+    model = adapted(kind, tau_lang=1.0, lambda_ctx=1.0)
+    x = tokens(batch=4)
+    e = torch.randn(4, 384)
+    together = run(model, x, instruction=e)
+    for i in range(4):
+        alone = run(model, x[i:i + 1], instruction=e[i:i + 1])
+        torch.testing.assert_close(alone[0], together[i], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "bert"])
+def test_right_padding_invariance(kind):
+    model = adapted(kind)
+    x = tokens(batch=1, length=6)
+    padded = torch.cat([x, torch.zeros(1, 3, dtype=x.dtype)], 1)
+    mask = torch.tensor([[1] * 6 + [0] * 3])
+    plain = run(model, x, attention_mask=torch.ones_like(x))
+    trace = model.routing_trace()
+    out = run(model, padded, attention_mask=mask)
+    torch.testing.assert_close(out[:, :6], plain, atol=1e-5, rtol=1e-5)
+    for a, b in zip(trace, model.routing_trace(), strict=True):
+        torch.testing.assert_close(a["alpha"], b["alpha"], atol=1e-6, rtol=1e-5)
+
+
+def test_left_padding_invariance():
+    model = adapted("qwen2")
+    x = tokens(batch=1, length=6)
+    padded = torch.cat([torch.zeros(1, 3, dtype=x.dtype), x], 1)
+    mask = torch.tensor([[0] * 3 + [1] * 6])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    plain = run(model, x)
+    out = run(model, padded, attention_mask=mask, position_ids=positions)
+    torch.testing.assert_close(out[:, 3:], plain, atol=1e-5, rtol=1e-5)
+
+
+def test_route_mask_hides_answer_tokens_from_the_route():
+    """Training a causal LM: the route sees the prompt only, so it matches the prompt-only route."""
+    model = adapted("qwen2")
+    prompt, answer = tokens(batch=2, length=5), tokens(batch=2, length=3, seed=7)
+    run(model, prompt)
+    prompt_route = model.routing_trace()
+    full = torch.cat([prompt, answer], 1)
+    route_mask = torch.cat([torch.ones_like(prompt), torch.zeros_like(answer)], 1)
+    run(model, full, route_mask=route_mask)
+    for a, b in zip(prompt_route, model.routing_trace(), strict=True):
+        torch.testing.assert_close(a["alpha"], b["alpha"], atol=1e-6, rtol=1e-5)
+    run(model, full)  # without the mask the answer tokens move the route
+    assert any(not torch.allclose(a["alpha"], b["alpha"])
+               for a, b in zip(prompt_route, model.routing_trace(), strict=True))
+
+
+def _generate(model, x, mask, **kw):
+    with torch.no_grad():
+        return model.generate(input_ids=x, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                              pad_token_id=0, **kw)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_greedy_generation_with_cache_equals_without(kind):
+    model = adapted(kind, tau_lang=1.0, lambda_ctx=1.0)
+    x = tokens(batch=3, length=5)
+    mask = torch.ones_like(x)
+    mask[0, :2] = 0  # left padding
+    e = torch.randn(3, 384)
+    cached = _generate(model, x, mask, instruction=e, use_cache=True)
+    uncached = _generate(model, x, mask, instruction=e, use_cache=False)
+    assert torch.equal(cached, uncached)
+    assert not model.state.hold  # the held route is released after generate
+
+
+@pytest.mark.parametrize("kw", [{}, {"num_beams": 3}, {"num_return_sequences": 2, "num_beams": 2}])
+def test_folded_decoding_equals_unfolded(kw):
+    model = adapted("qwen2", tau_lang=1.0, lambda_ctx=1.0)
+    x = tokens(batch=2, length=5)
+    mask = torch.ones_like(x)
+    e = torch.randn(2, 384)
+    folded = _generate(model, x, mask, instruction=e, **kw)
+    model.state.fold = False
+    unfolded = _generate(model, x, mask, instruction=e, **kw)
+    assert torch.equal(folded, unfolded)
+
+
+def test_decode_step_holds_the_prefill_route():
+    model = adapted("qwen2")
+    x = tokens(batch=2, length=5)
+    with torch.no_grad():
+        out = model(x, use_cache=True)
+        trace = model.routing_trace()
+        model(tokens(batch=2, length=1, seed=9), past_key_values=out.past_key_values)
+    assert model.state.hold
+    for a, b in zip(trace, model.routing_trace(), strict=True):
+        assert torch.equal(a["alpha"], b["alpha"])
+
+
+def test_save_load_gives_identical_outputs(tmp_path):
+    base = tiny_qwen2()
+    pristine = copy.deepcopy(base)  # the same frozen weights, not yet adapted
+    model = QueryableModel(base, QueryableConfig(**KNOBS, tau_lang=1.0, lambda_ctx=0.5)).eval()
+    randomize_adapter(model)
+    x, e = tokens(), torch.randn(3, 384)
+    expected = run(model, x, instruction=e)
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(123)  # a different initialisation, overwritten by the checkpoint
+    loaded = QueryableModel.from_pretrained(pristine, tmp_path).eval()
+    assert torch.equal(run(loaded, x, instruction=e), expected)
+    assert loaded.config == model.config
+
+
+def test_load_rejects_a_mismatched_checkpoint(tmp_path):
+    adapted("qwen2").save_pretrained(tmp_path)
+    other = QueryableModel(tiny_qwen2(), QueryableConfig(**{**KNOBS, "r": 2}))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        other.load_adapter(tmp_path)
+    other = QueryableModel(tiny_qwen2(), QueryableConfig(**{**KNOBS, "target_modules": ["q_proj"]}))
+    with pytest.raises(ValueError, match="does not fit"):
+        other.load_adapter(tmp_path)
+
+
+def test_gradient_checkpointing_sees_the_same_route():
+    model = adapted("qwen2", num_blocks=3, dropout=0.1)
+    twin = copy.deepcopy(model)
+    twin.gradient_checkpointing_enable()
+    x = tokens()
+    grads = []
+    for m in (model, twin):
+        m.train()
+        torch.manual_seed(5)
+        m(x, labels=x).loss.backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-4, msg=name)
+    assert grads[0]["router.atoms"].abs().sum() > 0
+
+
+def test_reentrant_checkpointing_is_refused():
+    with pytest.raises(ValueError, match="use_reentrant"):
+        adapted("qwen2").gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": True})
+
+
+def test_routing_trace_reports_each_block():
+    model = adapted("qwen2", num_blocks=4)
+    run(model, tokens(batch=2))
+    trace = model.routing_trace()
+    assert [t["block"] for t in trace] == [0, 1, 2, 3]
+    for t in trace:
+        assert t["alpha"].shape == (2, 8) and t["active"].shape == (2, 3)
+        torch.testing.assert_close(t["alpha"].sum(-1), torch.ones(2))
+        assert t["operator_norm"].shape == (2,)
+        assert (t["beta"] is None) == (t["block"] == 0)
+    assert trace[3]["beta"].shape == (2, 3)
+
+
+def test_a_few_steps_lower_the_loss_on_a_toy_regression():
+    torch.manual_seed(0)
+    x = torch.rand(256, 2) * 4 - 2
+    y = (torch.sin(3 * x[:, :1]) * torch.cos(2 * x[:, 1:]))
+    model = adapted("mlp")
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss = nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_follows_base_dtype():
+    base = tiny_qwen2().to(torch.bfloat16)
+    model = QueryableModel(base, QueryableConfig(**KNOBS))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    out = run(model, tokens(), instruction=None)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_autocast_bfloat16_on_cpu():
+    model = adapted("qwen2")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = run(model, tokens())
+    assert torch.isfinite(out.float()).all()
+
+
+@pytest.mark.parametrize(
+    ("knobs", "field"),
+    [({"top_k": 9}, "top_k"), ({"num_atoms": 0}, "num_atoms"), ({"T_attn": 0.0}, "T_attn"),
+     ({"tau_lang": -1.0}, "tau_lang"), ({"dropout": 1.0}, "dropout"), ({"num_blocks": 9}, "num_blocks"),
+     ({"target_modules": ["nope"]}, "target_modules")],
+)
+def test_bad_config_names_the_field(knobs, field):
+    with pytest.raises(ValueError, match=f"^{field}: .*allowed|^{field}: .*matches no"):
+        QueryableModel(tiny_qwen2(), QueryableConfig(**{**KNOBS, **knobs}))
+
+
+def test_registry_lists_methods_and_suggests_names():
+    from qlsearch.adapters import get_method, list_methods
+
+    names = [m.name for m in list_methods()]
+    assert {"lora", "dora", "queryable", "instr-queryable"} <= set(names)
+    with pytest.raises(ValueError, match="Did you mean 'queryable'"):
+        get_method("queryable-lora")

@@ -1,0 +1,205 @@
+"""The paper's statements about the router and the routed update (Prop. D.7-D.9, Thm 5.1, 5.3)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from qlsearch.adapters.queryable import (
+    AtomRouter,
+    QueryableConfig,
+    QueryableLinear,
+    QueryableModel,
+    top_k_softmax,
+)
+from tests.conftest import VOCAB, randomize_adapter, tiny_mlp, tiny_qwen2
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def queryable(base, **knobs) -> QueryableModel:
+    knobs = {"r": 4, "num_atoms": 8, "top_k": 3, "num_blocks": 2, "d_k": 16, "seed": 0, **knobs}
+    return QueryableModel(base, QueryableConfig(**knobs))
+
+
+def ids(batch=3, tokens=9, seed=1):
+    return torch.randint(0, VOCAB, (batch, tokens), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "mlp"])
+def test_gate_zero_is_lora(kind):
+    """Prop. D.7(b): g = 0 gives exactly LoRA's output with the same A and B."""
+    base = tiny_qwen2() if kind == "qwen2" else tiny_mlp()
+    targets = PROJECTIONS if kind == "qwen2" else ["0", "2", "4", "6", "8"]
+    lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=16, target_modules=targets))
+    model = queryable(base, target_modules=targets, init_gate=-math.inf)
+    randomize_adapter(model)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, QueryableLinear):
+                peft_layer = lora.get_submodule("base_model.model." + name.removeprefix("base_model."))
+                peft_layer.lora_A["default"].weight.copy_(module.lora_A)
+                peft_layer.lora_B["default"].weight.copy_(module.lora_B)
+    x = ids() if kind == "qwen2" else torch.randn(5, 2)
+    with torch.no_grad():
+        ours = model(x).logits if kind == "qwen2" else model(x)
+        theirs = lora(x).logits if kind == "qwen2" else lora(x)
+    assert torch.equal(ours, theirs)
+    assert model.routing_trace()  # routes were computed, they just have no effect
+
+
+def test_no_language_channels_ignore_instruction():
+    """Prop. D.7(a): tau_lang = lambda_ctx = 0 makes the output independent of the instruction."""
+    model = queryable(tiny_qwen2())
+    randomize_adapter(model)
+    x = ids()
+    with torch.no_grad():
+        outputs = [model(x, instruction=torch.randn(3, 384) * 5).logits for _ in range(2)]
+        plain = model(x).logits
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], plain)
+
+
+def test_instruction_changes_the_route_when_channels_are_on():
+    model = queryable(tiny_qwen2(), tau_lang=2.0, lambda_ctx=1.0)
+    x = ids()
+    with torch.no_grad():
+        model(x, instruction=torch.randn(1, 384))
+        a = model.routing_trace()[0]["alpha"]
+        model(x, instruction=torch.randn(1, 384))
+        b = model.routing_trace()[0]["alpha"]
+    assert not torch.allclose(a, b)
+
+
+def test_zero_instruction_is_no_instruction():
+    """A zero embedding adds nothing to the query and gives a uniform prior: the plain route."""
+    model = queryable(tiny_qwen2(), tau_lang=2.0, lambda_ctx=1.0)
+    randomize_adapter(model)
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, instruction=torch.zeros(3, 384)).logits, model(x).logits)
+
+
+def test_large_tau_routes_to_prior_argmax():
+    """Prop. D.7(c): as tau_lang grows, every block routes all mass to the prior's argmax atom."""
+    model = queryable(tiny_qwen2(), tau_lang=1e4, lambda_ctx=0.0)
+    e = torch.randn(3, 384)
+    with torch.no_grad():
+        model(ids(), instruction=e)
+        favourite = model.router.language_log_prior(e).argmax(-1)
+        for block in model.routing_trace():
+            alpha = block["alpha"]
+            torch.testing.assert_close(alpha[torch.arange(3), favourite], torch.ones(3))
+        S = model.state.routes[1].operator
+        torch.testing.assert_close(S, model.router.atoms[favourite])
+
+
+@pytest.mark.parametrize("tau", [0.5, 1.0, 3.0])
+@pytest.mark.parametrize("k", [3, 8])
+def test_constant_state_logits_give_tempered_prior(tau, k):
+    """Prop. D.7(d): with constant state logits the route is the tempered prior on the active set."""
+    router = AtomRouter(QueryableConfig(r=4, num_atoms=8, top_k=k, d_k=16, tau_lang=tau))
+    with torch.no_grad():
+        log_p = router.language_log_prior(torch.randn(2, 384))
+        logits = router.logits(torch.zeros(2, 16), log_p)  # RMSNorm(0) = 0: every zeta is 0
+    alpha, active = top_k_softmax(logits, k)
+    tempered = torch.exp(tau * log_p).gather(-1, active)
+    torch.testing.assert_close(alpha.gather(-1, active), tempered / tempered.sum(-1, keepdim=True))
+    if k == 8 and tau == 1.0:  # the full prior itself
+        torch.testing.assert_close(alpha, log_p.exp())
+
+
+def test_route_norm_bounded_by_atoms():
+    """Prop. D.8: ||S_b|| <= max_m ||C_m|| (spectral norm) on random inputs and instructions."""
+    model = queryable(tiny_qwen2(), num_blocks=4, tau_lang=1.0, lambda_ctx=1.0)
+    with torch.no_grad():
+        model.router.atoms.mul_(torch.rand(8, 1, 1) * 3)  # atoms of unequal norms
+        bound = torch.linalg.matrix_norm(model.router.atoms, ord=2).max()
+        for seed in range(5):
+            model(ids(seed=seed), instruction=torch.randn(3, 384))
+            for block in model.routing_trace():
+                assert (block["operator_norm"] <= bound + 1e-5).all()
+
+
+def test_depth_summary_bounded_by_block_means():
+    """Prop. D.9: ||u|| <= max_i ||sbar_i||."""
+    router = AtomRouter(QueryableConfig(r=4, d_k=16))
+    for _ in range(20):
+        means = torch.randn(5, 3, 4) * torch.rand(5, 3, 1) * 10
+        u, beta = router.depth_summary(torch.randn(5, 16), means)
+        torch.testing.assert_close(beta.sum(-1), torch.ones(5))
+        assert (u.norm(dim=-1) <= means.norm(dim=-1).max(-1).values + 1e-5).all()
+
+
+def test_route_maximises_utility_minus_kl_to_tempered_prior():
+    """Thm 5.1: on the active set, alpha = argmax_a <a, zeta> - KL(a || prior^tau), unique."""
+    torch.manual_seed(3)
+    zeta, log_p, tau, k = torch.randn(8, dtype=torch.float64), torch.log_softmax(
+        torch.randn(8, dtype=torch.float64), -1), 1.7, 4
+    alpha, active = top_k_softmax(zeta + tau * log_p, k)
+    z, lp = zeta[active], log_p[active]
+    tempered = torch.softmax(tau * lp, -1)
+
+    def objective(a):
+        return (a * z).sum() - (a * (a.log() - tempered.log())).sum()
+
+    # A numerical optimiser over the simplex (softmax parametrisation) finds the same point.
+    theta = torch.zeros(k, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([theta], max_iter=200, tolerance_grad=1e-12, tolerance_change=1e-14)
+
+    def closure():
+        opt.zero_grad()
+        loss = -objective(torch.softmax(theta, -1))
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    best = torch.softmax(theta, -1).detach()
+    torch.testing.assert_close(alpha[active], best, atol=1e-6, rtol=1e-6)
+    # ... and every other point of the simplex scores lower.
+    for _ in range(200):
+        other = torch.distributions.Dirichlet(torch.ones(k, dtype=torch.float64)).sample()
+        assert objective(other) < objective(alpha[active])
+    assert (alpha.sum() - 1).abs() < 1e-12 and (alpha > 0).sum() == k
+
+
+def test_top_k_equal_num_atoms_is_dense_softmax():
+    logits = torch.randn(4, 8)
+    alpha, _ = top_k_softmax(logits, 8)
+    torch.testing.assert_close(alpha, torch.softmax(logits, -1))
+    model = queryable(tiny_qwen2(), top_k=8)
+    with torch.no_grad():
+        model(ids())
+        assert (model.routing_trace()[0]["alpha"] > 0).all()
+
+
+def test_block_gradient_factorises():
+    """Thm 5.3: dL/dS_b = sum_{l in block} g_l r_l s_l^T, r_l = dL/dt_l = (alpha/r) B_l^T dL/dy_l."""
+    model = queryable(tiny_qwen2(), num_blocks=2)
+    randomize_adapter(model)
+    layers = [m for m in model.modules() if isinstance(m, QueryableLinear)]
+    inputs, output_grads = {}, {}
+
+    def keep(layer):
+        def hook(module, args, output):
+            inputs[layer] = args[0].detach()
+            output.register_hook(lambda g: output_grads.__setitem__(layer, g.detach()))
+        return hook
+
+    for layer in layers:
+        layer.register_forward_hook(keep(layer))
+    model.train()
+    out = model(ids())
+    for route in model.state.routes.values():
+        route.operator.retain_grad()
+    out.logits.pow(2).mean().backward()
+    for block, route in model.state.routes.items():
+        expected = torch.zeros_like(route.operator)
+        for layer in (m for m in layers if m.block == block):
+            s = inputs[layer] @ layer.lora_A.T  # (batch, tokens, r)
+            r = layer.scaling * output_grads[layer] @ layer.lora_B  # (batch, tokens, r)
+            expected += layer.gate.detach() * torch.einsum("bti,btj->bij", r, s)
+        torch.testing.assert_close(route.operator.grad, expected, atol=1e-6, rtol=1e-4)
