@@ -35,7 +35,8 @@ class QueryableLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, r, device=w.device, dtype=w.dtype))
         self.gate_logit = nn.Parameter(torch.full((), float(init_gate), device=w.device, dtype=w.dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT LoRA's initialisation
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = nn.Dropout(dropout)
+        self.dropout_p = dropout  # skip the dropout call entirely when it is off
         self.scaling = scaling
         self.r = r
         self.unit = 0
@@ -53,9 +54,10 @@ class QueryableLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         router, state = self._shared
-        if state.hold and state.fold and not self.training:
-            return self._forward_folded(x, state)
-        if self.state_layers and not state.hold:
+        if state.hold:
+            if state.fold and not self.training:
+                return self._forward_folded(x, state)
+        elif self.state_layers:
             self._record_unit_state(x, router, state)
         route = state.routes.get(self.block)
         if route is None:
@@ -63,14 +65,10 @@ class QueryableLinear(nn.Module):
                 f"block {self.block} has no route: its entry projection must run before the "
                 "block's other adapted projections (is the model's forward order unusual?)"
             )
-        return self.base_layer(x) + self.routed_update(x, route.operator)
-
-    def routed_update(self, x: Tensor, operator: Tensor) -> Tensor:
-        """``(alpha/r) B (s + g S s)`` with ``s = A dropout(x)``; ``operator`` is ``S`` (batch x r x r)."""
-        s = F.linear(self.dropout(x), self.lora_A)
-        s3 = s.reshape(operator.shape[0], -1, self.r)
-        t = torch.baddbmm(s3, s3, operator.transpose(1, 2) * self.gate)  # s + g s S^T, row-wise
-        return F.linear(t.view_as(s), self.lora_B) * self.scaling
+        s = F.linear(self.dropout(x) if self.dropout_p else x, self.lora_A)
+        s3 = s if s.dim() == 3 else s.reshape(route.operator_t.shape[0], -1, self.r)
+        t = torch.baddbmm(s3, s3, route.operator_t * self.gate_logit.sigmoid())  # s + g s S^T
+        return torch.add(self.base_layer(x), F.linear(t.view_as(s), self.lora_B), alpha=self.scaling)
 
     def _record_unit_state(self, x: Tensor, router: AtomRouter, state: RoutingState) -> None:
         """Unit state: mean over the unit's Q, K, V of the token-averaged ``A^p x`` (eq. 15-16).

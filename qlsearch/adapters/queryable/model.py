@@ -144,8 +144,11 @@ class QueryableModel(nn.Module):
                     layer for name, layer in zip(names, layers, strict=True)
                     if name.rsplit(".", 1)[-1] in config.state_modules
                 ] or layers[:1]
-                state_layers[0].state_layers = tuple(state_layers)
-                state_layers[0].is_entry = blocks[block_of[unit]][0] == unit
+                entry = blocks[block_of[unit]][0] == unit
+                # States feed routes of later blocks: the last block needs only its entry's.
+                if entry or block_of[unit] < len(blocks) - 1:
+                    state_layers[0].state_layers = tuple(state_layers)
+                state_layers[0].is_entry = entry
                 self.adapted += names
         self._pending_instruction: Tensor | None = None
         self._pending_route_mask: Tensor | None = None

@@ -54,6 +54,7 @@ class Route:
     active: Tensor  # (batch, k) active atom ids
     beta: Tensor | None  # (batch, blocks before this one) depth-summary weights; None for block 0
     operator: Tensor  # (batch, r, r) S_b
+    operator_t: Tensor  # S_b^T, made once per block for the projections' row-vector products
 
 
 class AtomRouter(nn.Module):
@@ -124,4 +125,4 @@ class AtomRouter(nn.Module):
             query = query + self.query_dep(summary)
         alpha, active = top_k_softmax(self.logits(query, log_prior), c.top_k)
         operator = (alpha @ self.atoms.flatten(1)).view(-1, c.r, c.r)
-        return Route(alpha=alpha, active=active, beta=beta, operator=operator)
+        return Route(alpha, active, beta, operator, operator.transpose(1, 2))
