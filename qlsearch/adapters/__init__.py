@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from difflib import get_close_matches
 
+import torch
 from torch import nn
 
 
@@ -56,6 +57,25 @@ def attach(model: nn.Module, method: str, **knobs) -> nn.Module:
     >>> adapted = attach(model, "queryable", r=8, num_atoms=16, top_k=4)
     """
     return get_method(method).attach(model, **knobs)
+
+
+def auxiliary_loss(model: nn.Module) -> torch.Tensor | float:
+    """Sum of the auxiliary losses the adapter's modules produced in the last forward.
+
+    The one hook through which methods add training terms (e.g. MoE-LoRA's load
+    balance and contrastive losses): any module may define
+    ``auxiliary_loss(self) -> Tensor | None``, returning its already-weighted term
+    for the last forward. The training loop adds this sum to the task loss.
+    Returns ``0.0`` when no module contributes.
+    """
+    total: torch.Tensor | float = 0.0
+    for module in model.modules():
+        fn = getattr(module, "auxiliary_loss", None)
+        if module is not model and callable(fn):
+            term = fn()
+            if term is not None:
+                total = total + term
+    return total
 
 
 from qlsearch.adapters import _builtin  # noqa: E402,F401  (registers the built-in methods)
