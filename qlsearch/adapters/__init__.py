@@ -21,6 +21,9 @@ class Method:
     attach: Callable[..., nn.Module]
     summary: str
     knobs: dict[str, object] = field(default_factory=dict)
+    #: Table 6's columns: how the update depends on the input, and whether text steers it.
+    routing: str = "No"
+    instruction: bool = False
 
 
 _REGISTRY: dict[str, Method] = {}

@@ -13,7 +13,8 @@ from torch import nn
 from qlsearch.adapters import Method, register
 
 
-def _peft_method(name: str, config_name: str, defaults: dict, fields: dict, **fixed) -> Method:
+def _peft_method(name: str, config_name: str, defaults: dict, fields: dict, routing: str = "No",
+                 **fixed) -> Method:
     """A registry entry that builds PEFT's ``config_name`` from our knobs (renamed by ``fields``)."""
 
     def attach(model: nn.Module, **knobs) -> nn.Module:
@@ -29,7 +30,7 @@ def _peft_method(name: str, config_name: str, defaults: dict, fields: dict, **fi
         config = getattr(peft, config_name)(**{fields.get(k, k): v for k, v in values.items()}, **fixed)
         return peft.get_peft_model(model, config)
 
-    return Method(name, attach, f"{config_name} from PEFT", dict(defaults))
+    return Method(name, attach, f"{config_name} from PEFT", dict(defaults), routing)
 
 
 _LORA = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": None}
@@ -40,13 +41,14 @@ register(_peft_method("dora", "LoraConfig", _LORA, _LORA_FIELDS, use_dora=True))
 # Lily: A shared by `stride_A` consecutive layers, `num_B` B experts shared by all layers of a
 # target type. Its router averages over batch and tokens: outputs depend on batch-mates.
 register(_peft_method("lily", "LilyConfig",
-                      {"r": 8, "stride_A": 1, "num_B": 2, "scaling": 1.0, "target_modules": None}, {}))
+                      {"r": 8, "stride_A": 1, "num_B": 2, "scaling": 1.0, "target_modules": None}, {},
+                      routing="Yes"))
 # VB-LoRA: vector_length must divide every adapted dimension; 64 divides all of Qwen2.5's
 # (896, 128, 4864), PEFT's default 256 does not.
 register(_peft_method("vblora", "VBLoRAConfig",
                       {"r": 4, "num_vectors": 256, "vector_length": 64, "topk": 2, "dropout": 0.0,
                        "target_modules": None},
-                      {"dropout": "vblora_dropout"}))
+                      {"dropout": "vblora_dropout"}, routing="Shared bank"))
 
 
 def _queryable(defaults: dict) -> Callable[..., nn.Module]:
@@ -59,11 +61,11 @@ def _queryable(defaults: dict) -> Callable[..., nn.Module]:
 
 
 _QUERYABLE = {"r": 8, "alpha": 16, "num_atoms": 16, "top_k": 4, "num_blocks": 4,
-              "tau_lang": 0.0, "lambda_ctx": 0.0}
+              "tau_lang": 0.0, "lambda_ctx": 0.0, "dropout": 0.0, "d_k": 64, "target_modules": None}
 # The instruction variant is the same adapter with both language channels on.
 _INSTR = {**_QUERYABLE, "tau_lang": 1.0, "lambda_ctx": 1.0}
 
 register(Method("queryable", _queryable(_QUERYABLE),
-                "Queryable LoRA: routed r x r operator from a shared atom bank", _QUERYABLE))
+                "Queryable LoRA: routed r x r operator from a shared atom bank", _QUERYABLE, "Yes"))
 register(Method("instr-queryable", _queryable(_INSTR),
-                "Queryable LoRA with the instruction prior and query channel on", _INSTR))
+                "Queryable LoRA with the instruction prior and query channel on", _INSTR, "Yes", True))

@@ -1,0 +1,83 @@
+"""Parameter counts per method at matched rank, like the paper's Table 6, without any weights.
+
+Models are built from their config on the meta device: shapes exist, storage
+does not, so a 0.5B (or 70B) model costs nothing to count and nothing is
+downloaded when the config is a local folder.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from qlsearch.adapters import attach, get_method
+
+#: The paper's targets for Tables 5-7: attention and MLP projections.
+PAPER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class ParameterRow:
+    method: str
+    trainable: int
+    total: int
+    routing: str
+    instruction: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_config(model: str):
+    """An HF config from a local folder or a (cached) hub id."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model)
+    except OSError as err:
+        raise ValueError(
+            f"--model: cannot read a config for {model!r} ({err}); give a local folder with "
+            "config.json, or a hub id that is cached on this machine"
+        ) from err
+
+
+def meta_model(config) -> nn.Module:
+    """The causal-LM for ``config`` with shapes only (no memory, no initialisation cost)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def parameter_table(model: str, methods: list[str], r: int = 8,
+                    target_modules: list[str] | None = None, **knobs) -> list[ParameterRow]:
+    """Trainable and total parameters of each method on ``model`` at rank ``r``.
+
+    ``knobs`` are passed to every method that has them (e.g. ``num_atoms``).
+    """
+    base = meta_model(load_config(model))
+    targets = target_modules or PAPER_TARGETS
+    rows = []
+    for name in methods:
+        method = get_method(name)
+        own = {k: v for k, v in knobs.items() if k in method.knobs}
+        adapted = attach(copy.deepcopy(base), name, r=r, target_modules=targets, **own)
+        params = list(adapted.parameters())
+        rows.append(ParameterRow(
+            method=name,
+            trainable=sum(p.numel() for p in params if p.requires_grad),
+            total=sum(p.numel() for p in params),
+            routing=method.routing,
+            instruction="Yes" if method.instruction else "No",
+        ))
+    return rows
+
+
+def format_table(rows: list[ParameterRow]) -> str:
+    lines = [f"{'Method':<18}{'Trainable params':>18}{'Total params':>16}  {'Routing?':<14}Instruction?"]
+    lines += [f"{row.method:<18}{row.trainable:>18,}{row.total:>16,}  {row.routing:<14}{row.instruction}"
+              for row in rows]
+    return "\n".join(lines)
