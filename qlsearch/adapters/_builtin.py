@@ -6,6 +6,7 @@ names map onto their config fields in one table.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 from torch import nn
@@ -69,3 +70,8 @@ register(Method("queryable", _queryable(_QUERYABLE),
                 "Queryable LoRA: routed r x r operator from a shared atom bank", _QUERYABLE, "Yes"))
 register(Method("instr-queryable", _queryable(_INSTR),
                 "Queryable LoRA with the instruction prior and query channel on", _INSTR, "Yes", True))
+
+# Baselines without public reference code, implemented here from their papers
+# (assumptions in each package's docstrings and in baselines/<name>.toml).
+for _package in ("hyra", "moelora"):
+    register(importlib.import_module(f"qlsearch.adapters.{_package}").METHOD)

@@ -1,0 +1,75 @@
+"""Hyperparameters of HyRA, validated once at the edge."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+#: Attention projections adapted by default: Llama/Qwen2 spellings, then BERT's.
+#: ``attention.output.dense`` is BERT's O projection (its bare ``output.dense`` is the MLP's).
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value", "attention.output.dense")
+
+
+@dataclass
+class HyRAConfig:
+    """HyRA hyperparameters (Diep et al. 2026, arXiv 2510.04295; symbols in brackets).
+
+    Each adapted projection with ``H`` heads of ``d_head = d_out / H`` output rows
+    gets learnable head embeddings ``e_h`` and one hypernetwork shared by its heads:
+
+    ``z_h = tanh(W_1 e_h + b_1)``, ``A_h = W_A z_h + b_A`` (``r x d_in``),
+    ``B_h = W_B z_h + b_B`` (``d_head x r``), ``Delta W = (alpha/r) [B_1 A_1; ...; B_H A_H]``.
+
+    ``num_heads=None`` reads the head count from the model config
+    (``num_attention_heads``; ``num_key_value_heads`` for ``k_proj``/``v_proj``);
+    a model without one (a plain MLP) needs it set.
+    """
+
+    r: int = field(default=8, metadata={"help": "rank of each head's factors [r]"})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA scale numerator [alpha]; the update is scaled by alpha/r"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input, in [0, 1)"})
+    embed_dim: int = field(default=16, metadata={"help": "width of each head's learnable embedding [d_e]"})
+    hidden_dim: int = field(default=8, metadata={"help": "hidden width of the shared hypernetwork [d_h]"})
+    num_heads: int | None = field(default=None, metadata={"help": "heads per adapted linear; None: from the model config"})
+    target_modules: list[str] | None = field(default=None, metadata={"help": "names (or name suffixes) of the linears to adapt; None: the attention projections q, k, v, o"})
+    seed: int | None = field(default=None, metadata={"help": "seed for the adapter's initialisation (None: the global RNG)"})
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, allowed: str) -> None:
+            if not ok:
+                raise ValueError(f"{name}: got {getattr(self, name)!r}; allowed: {allowed}")
+
+        for name in ("r", "embed_dim", "hidden_dim"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, "an integer >= 1")
+        need(self.num_heads is None or (isinstance(self.num_heads, int) and self.num_heads >= 1),
+             "num_heads", "None or an integer >= 1")
+        need(isinstance(self.dropout, int | float) and 0.0 <= self.dropout < 1.0, "dropout", "a number in [0, 1)")
+        need(isinstance(self.alpha, int | float) and self.alpha > 0, "alpha", "a number > 0")
+        if isinstance(self.target_modules, str):
+            self.target_modules = [self.target_modules]
+        need(self.target_modules is None or len(self.target_modules) > 0, "target_modules",
+             "None or a non-empty list of linear names")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> HyRAConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"hyra config: unknown field(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> HyRAConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))

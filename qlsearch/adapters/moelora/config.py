@@ -1,0 +1,81 @@
+"""Hyperparameters of MoE-LoRA, validated once at the edge."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+
+@dataclass
+class MoELoRAConfig:
+    """MoE-LoRA hyperparameters (Luo et al. 2024, arXiv 2402.12851; symbols in brackets).
+
+    Per adapted linear: ``y = W0 x + (alpha/r) sum_{i in topk} G(x)_i B_i A_i x``,
+    ``G(x) = softmax(W_g x)`` per token, renormalised over its top-k experts.
+    During training each layer also produces
+    ``load_balance_weight * L_balance + contrastive_weight * L_contrastive``
+    (see ``MoELoRALinear``), read through ``qlsearch.adapters.auxiliary_loss(model)``.
+
+    ``target_modules=None`` adapts every ``nn.Linear`` inside the transformer
+    layers (every ``nn.Linear`` of a model without a layer list).
+    """
+
+    r: int = field(default=8, metadata={"help": "rank of each expert [r]"})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA scale numerator [alpha]; each expert is scaled by alpha/r"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the experts' input, in [0, 1)"})
+    num_experts: int = field(default=4, metadata={"help": "LoRA experts per adapted linear [E]"})
+    top_k: int = field(default=2, metadata={"help": "experts mixed per token [k], 1 <= k <= E"})
+    load_balance_weight: float = field(default=0.01, metadata={"help": "weight of the Switch load-balance loss E sum_i f_i P_i, >= 0"})
+    contrastive_weight: float = field(default=0.01, metadata={"help": "weight of the expert contrastive (InfoNCE) loss, >= 0"})
+    contrastive_temperature: float = field(default=0.1, metadata={"help": "temperature of the contrastive loss [tau] > 0"})
+    contrastive_tokens: int = field(default=256, metadata={"help": "most tokens per layer and forward the contrastive loss looks at (an evenly strided subset)"})
+    target_modules: list[str] | None = field(default=None, metadata={"help": "names (or name suffixes) of the linears to adapt; None: all linears of the layers"})
+    seed: int | None = field(default=None, metadata={"help": "seed for the adapter's initialisation (None: the global RNG)"})
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, allowed: str) -> None:
+            if not ok:
+                raise ValueError(f"{name}: got {getattr(self, name)!r}; allowed: {allowed}")
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        for name in ("r", "num_experts", "contrastive_tokens"):
+            need(is_int(getattr(self, name)) and getattr(self, name) >= 1, name, "an integer >= 1")
+        need(is_int(self.top_k) and 1 <= self.top_k <= self.num_experts, "top_k",
+             f"an integer with 1 <= top_k <= num_experts ({self.num_experts})")
+        need(isinstance(self.dropout, int | float) and 0.0 <= self.dropout < 1.0, "dropout", "a number in [0, 1)")
+        need(isinstance(self.alpha, int | float) and self.alpha > 0, "alpha", "a number > 0")
+        for name in ("load_balance_weight", "contrastive_weight"):
+            v = getattr(self, name)
+            need(isinstance(v, int | float) and math.isfinite(v) and v >= 0, name, "a finite number >= 0")
+        t = self.contrastive_temperature
+        need(isinstance(t, int | float) and math.isfinite(t) and t > 0, "contrastive_temperature", "a finite number > 0")
+        if isinstance(self.target_modules, str):
+            self.target_modules = [self.target_modules]
+        need(self.target_modules is None or len(self.target_modules) > 0, "target_modules",
+             "None or a non-empty list of linear names")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MoELoRAConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"moelora config: unknown field(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> MoELoRAConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))

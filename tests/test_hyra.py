@@ -1,0 +1,174 @@
+"""HyRA: a hypernetwork shared by a projection's heads generates each head's factors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from qlsearch.adapters.hyra import HyRAConfig, HyRALinear, HyRAModel, attach, parameter_count
+from tests.conftest import BUILDERS, VOCAB, tiny_mlp
+
+KNOBS = {"r": 4, "embed_dim": 8, "hidden_dim": 4, "seed": None}
+MLP = {"target_modules": ["2", "4", "6", "8"], "num_heads": 4}  # the 16 -> 16 linears
+
+
+def base_of(kind: str, seed: int = 0) -> nn.Module:
+    """The same frozen weights for the same seed."""
+    torch.manual_seed(seed)
+    return tiny_mlp() if kind == "mlp" else BUILDERS[kind]()
+
+
+def inputs(kind: str, batch: int = 3, seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "mlp":
+        return torch.randn(batch, 2, generator=gen)
+    return torch.randint(1, VOCAB, (batch, 8), generator=gen)
+
+
+def adapted(kind: str, **knobs) -> HyRAModel:
+    return attach(base_of(kind), **{**KNOBS, **knobs}, **(MLP if kind == "mlp" else {}))
+
+
+def output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def perturb(model: nn.Module, std: float = 0.1, seed: int = 0) -> None:
+    """Move every adapter parameter (the B generator starts at zero) so the update is non-zero."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * std)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama", "bert", "mlp"])
+def test_attach_keeps_base_output_at_init_and_trains_only_the_hypernetworks(kind):
+    base = base_of(kind)
+    x = inputs(kind)
+    with torch.no_grad():
+        before = output(base, x)
+    model = attach(base, **KNOBS, **(MLP if kind == "mlp" else {})).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(output(model, x), before, rtol=0, atol=0)  # W_B = b_B = 0
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".hypernet." in n for n in trainable)
+    assert model.num_trainable_parameters() == parameter_count(model.config, model.adapted_shapes())
+    assert len(model.adapted) == 16 if kind != "mlp" else 4  # q, k, v, o of 4 layers
+
+
+def test_default_targets_are_the_attention_projections():
+    qwen = adapted("qwen2")
+    assert {n.rsplit(".", 1)[-1] for n in qwen.adapted} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    bert = adapted("bert")
+    assert {n.split(".", 3)[-1] for n in bert.adapted} == {
+        "attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"}
+
+
+def test_head_counts_come_from_the_model_config():
+    model = adapted("qwen2")  # 4 query heads, 2 key/value heads, hidden 32
+    heads = {n.rsplit(".", 1)[-1]: h for n, (_, _, h) in zip(model.adapted, model.adapted_shapes(), strict=True)}
+    assert heads == {"q_proj": 4, "k_proj": 2, "v_proj": 2, "o_proj": 4}
+    assert all(m.hypernet.d_head == 8 for m in model.modules() if isinstance(m, HyRALinear))
+
+
+def test_update_stacks_each_heads_BA_along_the_output_rows():
+    model = adapted("qwen2")
+    perturb(model)
+    layer = model.base_model.model.layers[0].self_attn.q_proj
+    A, B = layer.hypernet()
+    delta = layer.delta_weight()
+    d_head = layer.hypernet.d_head
+    for h in range(layer.num_heads):
+        torch.testing.assert_close(delta[h * d_head:(h + 1) * d_head], layer.scaling * B[h] @ A[h])
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x) - layer.base_layer(x), x @ delta.T, atol=1e-5, rtol=1e-4)
+
+
+def test_heads_share_one_hypernetwork_but_get_distinct_factors():
+    model = adapted("qwen2")
+    perturb(model)
+    layer = model.base_model.model.layers[0].self_attn.q_proj
+    A, B = layer.hypernet()
+    assert layer.hypernet.head_embeddings.shape[0] == layer.num_heads
+    assert not torch.allclose(A[0], A[1]) and not torch.allclose(B[0], B[1])
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama", "bert", "mlp"])
+def test_a_few_adamw_steps_lower_a_toy_regression_loss(kind):
+    teacher = adapted(kind).eval()  # eval: no base dropout, a deterministic loss
+    perturb(teacher, std=0.3, seed=5)
+    x = inputs(kind, batch=4)
+    with torch.no_grad():
+        target = output(teacher, x)  # reachable: the same model with other adapter weights
+    model = adapted(kind).eval()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(10):
+        loss = nn.functional.mse_loss(output(model, x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "mlp"])
+def test_save_then_load_gives_identical_outputs(kind, tmp_path):
+    model = adapted(kind).eval()
+    perturb(model)
+    x = inputs(kind)
+    with torch.no_grad():
+        expected = output(model, x)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").exists()
+    fresh = base_of(kind)  # the same frozen weights
+    torch.manual_seed(123)  # a different adapter init, which the checkpoint must overwrite
+    loaded = HyRAModel.from_pretrained(fresh, tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(output(loaded, x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "bert"])
+def test_batch_invariance(kind):
+    """An example's output does not depend on its batch-mates."""
+    model = adapted(kind).eval()
+    perturb(model)
+    x = inputs(kind, batch=4)
+    with torch.no_grad():
+        together = output(model, x)
+        alone = torch.cat([output(model, x[i:i + 1]) for i in range(len(x))])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)
+
+
+def test_parameter_count_at_the_qwen_shape():
+    cfg = HyRAConfig(r=8)  # d_e = 16, d_h = 8
+    shapes = [(896, 896, 14), (896, 128, 2), (896, 128, 2), (896, 896, 14)] * 24
+    q = 14 * 16 + 17 * 8 + 9 * 8 * (896 + 64)
+    kv = 2 * 16 + 17 * 8 + 9 * 8 * (896 + 64)
+    assert parameter_count(cfg, shapes) == 24 * (2 * q + 2 * kv) == 6_660_864
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("r", 0), ("alpha", 0.0), ("dropout", 1.0), ("embed_dim", 0), ("hidden_dim", 1.5),
+    ("num_heads", 0), ("target_modules", []),
+])
+def test_bad_knobs_name_the_field(field, value):
+    with pytest.raises(ValueError, match=f"^{field}: got"):
+        HyRAConfig(**{field: value})
+
+
+def test_attach_errors_name_the_field():
+    with pytest.raises(ValueError, match="unknown field"):
+        attach(tiny_mlp(), rank=4)
+    with pytest.raises(ValueError, match="^num_heads: got None"):
+        attach(tiny_mlp(), target_modules=["2"])  # a plain MLP has no head count to read
+    with pytest.raises(ValueError, match="^num_heads: got 3"):
+        attach(tiny_mlp(), target_modules=["2"], num_heads=3)  # 16 rows do not split into 3 heads
+    with pytest.raises(ValueError, match="^target_modules"):
+        attach(tiny_mlp(), num_heads=2)  # no attention projection by default
