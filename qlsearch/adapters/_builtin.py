@@ -73,5 +73,5 @@ register(Method("instr-queryable", _queryable(_INSTR),
 
 # Baselines without public reference code, implemented here from their papers
 # (assumptions in each package's docstrings and in baselines/<name>.toml).
-for _package in ("hyra", "moelora"):
+for _package in ("replora", "hyra", "doran", "moelora"):
     register(importlib.import_module(f"qlsearch.adapters.{_package}").METHOD)

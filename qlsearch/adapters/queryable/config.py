@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field
+
+from qlsearch.adapters._wrapper import AdapterConfig, is_positive_int
 
 #: Projections whose rank-space states form an attention unit's router state
 #: (paper eq. 15-16: the mean over Q, K, V). Llama/Qwen2 and BERT spellings.
@@ -13,7 +13,7 @@ DEFAULT_STATE_MODULES = ("q_proj", "k_proj", "v_proj", "query", "key", "value")
 
 
 @dataclass
-class QueryableConfig:
+class QueryableConfig(AdapterConfig):
     """Queryable LoRA hyperparameters (paper §3, Algorithm 1; symbols in brackets).
 
     ``target_modules=None`` adapts every ``nn.Linear`` inside the transformer
@@ -41,13 +41,10 @@ class QueryableConfig:
     seed: int | None = field(default=None, metadata={"help": "seed for the adapter's initialisation (None: the global RNG)"})
 
     def __post_init__(self) -> None:
-        def need(ok: bool, name: str, allowed: str) -> None:
-            if not ok:
-                raise ValueError(f"{name}: got {getattr(self, name)!r}; allowed: {allowed}")
-
+        need = self.require
         for name in ("r", "num_atoms", "num_blocks", "d_k", "instruction_dim"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "an integer >= 1")
-        need(isinstance(self.top_k, int) and 1 <= self.top_k <= self.num_atoms, "top_k",
+            need(is_positive_int(getattr(self, name)), name, "an integer >= 1")
+        need(is_positive_int(self.top_k) and self.top_k <= self.num_atoms, "top_k",
              f"an integer with 1 <= top_k <= num_atoms ({self.num_atoms})")
         need(0.0 <= self.dropout < 1.0, "dropout", "a number in [0, 1)")
         for name in ("T_attn", "T_lang", "T_dep"):
@@ -62,21 +59,3 @@ class QueryableConfig:
     @property
     def scaling(self) -> float:
         return self.alpha / self.r
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> QueryableConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"queryable config: unknown field(s) {unknown}; allowed: {sorted(known)}")
-        return cls(**data)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> QueryableConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))

@@ -15,55 +15,29 @@ holds the routes of the prefill: the route is computed once from the prompt.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from qlsearch.adapters._wrapper import AdapterModel, find_linears, layer_list, seeded
 from qlsearch.adapters.queryable.config import QueryableConfig
 from qlsearch.adapters.queryable.encoder import InstructionEncoder
 from qlsearch.adapters.queryable.layer import QueryableLinear
 from qlsearch.adapters.queryable.router import AtomRouter
 from qlsearch.adapters.queryable.state import RoutingState, token_weights_from_mask
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-
 Instruction = str | Sequence[str | None] | Tensor | None
-
-
-def _matches(name: str, targets: Sequence[str]) -> bool:
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
-def _layer_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """The ``nn.ModuleList`` with the most children holding a linear: the transformer layers."""
-    best, best_count = None, 0
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList):
-            count = sum(any(isinstance(m, nn.Linear) for m in child.modules()) for child in module)
-            if count > best_count:
-                best, best_count = (name, module), count
-    return best
 
 
 def find_units(model: nn.Module, config: QueryableConfig) -> list[list[str]]:
     """Names of the linears to adapt, grouped into units in forward order."""
-    layers = _layer_list(model)
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    layers = layer_list(model)
     if config.target_modules is None:
         prefix = layers[0] + "." if layers else ""
-        targets = [n for n in linears if n.startswith(prefix)]
+        targets = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(prefix)]
     else:
-        targets = [n for n in linears if _matches(n, config.target_modules)]
-    if not targets:
-        shown = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in linears})[:20])
-        raise ValueError(
-            f"target_modules: {config.target_modules!r} matches no nn.Linear; linears here: {shown}"
-        )
+        targets = find_linears(model, config.target_modules)
     if layers is None:
         return [[n] for n in targets]
     prefix = layers[0] + "."
@@ -104,7 +78,7 @@ def parameter_count(config: QueryableConfig, shapes: Sequence[tuple[int, int]]) 
     return per_projection + memory + maps
 
 
-class QueryableModel(nn.Module):
+class QueryableModel(AdapterModel):
     """A base model with Queryable LoRA on its linears; the base weights are frozen.
 
     ``forward`` and ``generate`` take two extra keywords:
@@ -120,23 +94,24 @@ class QueryableModel(nn.Module):
     >>> model.routing_trace()[0]["alpha"].shape  # (batch, M)
     """
 
+    method = "queryable"
+    config_class = QueryableConfig
+
     def __init__(self, base_model: nn.Module, config: QueryableConfig):
-        super().__init__()
-        self.base_model = base_model
-        self.config = config
-        base_model.requires_grad_(False)
+        super().__init__(base_model, config)
         units = find_units(base_model, config)
         blocks = split_blocks(len(units), config.num_blocks)
         first = base_model.get_submodule(units[0][0]).weight
-        with torch.random.fork_rng(devices=[]) if config.seed is not None else contextlib.nullcontext():
-            if config.seed is not None:
-                torch.manual_seed(config.seed)
+        block_of = {u: b for b, members in enumerate(blocks) for u in members}
+        c = config
+        with seeded(config.seed):
             self.router = AtomRouter(config).to(device=first.device, dtype=first.dtype)
             self.state = RoutingState(blocks=blocks)
-            self.adapted: list[str] = []
-            block_of = {u: b for b, members in enumerate(blocks) for u in members}
             for unit, names in enumerate(units):
-                layers = [self._replace(name) for name in names]
+                layers = [
+                    self.replace(name, lambda base: QueryableLinear(base, c.r, c.scaling, c.dropout, c.init_gate))
+                    for name in names
+                ]
                 for layer in layers:
                     layer.unit, layer.block = unit, block_of[unit]
                     layer._shared = (self.router, self.state)
@@ -149,29 +124,12 @@ class QueryableModel(nn.Module):
                 if entry or block_of[unit] < len(blocks) - 1:
                     state_layers[0].state_layers = tuple(state_layers)
                 state_layers[0].is_entry = entry
-                self.adapted += names
         self._pending_instruction: Tensor | None = None
         self._pending_route_mask: Tensor | None = None
         self._generating = False
         self._prefilled = False
         self._encoder: InstructionEncoder | None = None
         base_model.register_forward_pre_hook(self._begin_forward, with_kwargs=True)
-
-    def _replace(self, name: str) -> QueryableLinear:
-        parent_name, _, child = name.rpartition(".")
-        parent = self.base_model.get_submodule(parent_name)
-        c = self.config
-        layer = QueryableLinear(getattr(parent, child), c.r, c.scaling, c.dropout, c.init_gate)
-        setattr(parent, child, layer)
-        return layer
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
-                raise
-            return getattr(self.base_model, name)  # config, device, generation_config, ...
 
     # ---- the per-forward context --------------------------------------------------------
 
@@ -283,51 +241,12 @@ class QueryableModel(nn.Module):
 
     # ---- parameters, save and load ------------------------------------------------------
 
-    def adapter_state_dict(self) -> dict[str, Tensor]:
-        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
-
     def num_trainable_parameters(self) -> int:
-        """Equals ``parameter_count(config, shapes of the adapted linears)``."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+        """Equals ``parameter_count(config, adapted_shapes())``."""
+        return super().num_trainable_parameters()
 
     def adapted_shapes(self) -> list[tuple[int, int]]:
-        layers = [self.base_model.get_submodule(n).base_layer for n in self.adapted]
-        return [(layer.in_features, layer.out_features) for layer in layers]
-
-    def print_trainable_parameters(self) -> None:
-        total = sum(p.numel() for p in self.parameters())
-        trainable = self.num_trainable_parameters()
-        print(f"trainable params: {trainable:,} || all params: {total:,} || "
-              f"trainable%: {100 * trainable / total:.4f}")
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Adapter weights (safetensors) and config (JSON); the base model is not saved."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {n: t.contiguous() for n, t in self.adapter_state_dict().items()}
-        save_file(tensors, str(directory / ADAPTER_WEIGHTS))
-        (directory / ADAPTER_CONFIG).write_text(
-            json.dumps({"method": "queryable", **self.config.to_dict()}, indent=2) + "\n"
-        )
-
-    def load_adapter(self, directory: str | Path) -> None:
-        tensors = load_file(str(Path(directory) / ADAPTER_WEIGHTS))
-        expected = set(self.adapter_state_dict())
-        if set(tensors) != expected:
-            missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-            raise ValueError(
-                f"adapter checkpoint {directory} does not fit this model: "
-                f"missing {missing[:3]}, unexpected {extra[:3]}"
-            )
-        self.load_state_dict(tensors, strict=False)
-
-    @classmethod
-    def from_pretrained(cls, base_model: nn.Module, directory: str | Path) -> QueryableModel:
-        data = json.loads((Path(directory) / ADAPTER_CONFIG).read_text())
-        data.pop("method", None)
-        model = cls(base_model, QueryableConfig.from_dict(data))
-        model.load_adapter(directory)
-        return model
+        return [(m.base_layer.in_features, m.base_layer.out_features) for m in self.adapted_layers()]
 
 
 def _rows_for(x: Tensor | None, batch: int | None, name: str) -> Tensor | None:

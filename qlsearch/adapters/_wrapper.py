@@ -1,0 +1,182 @@
+"""What every hand-written adapter shares: config I/O, target lookup, the model wrapper.
+
+A method supplies its config dataclass (with ``AdapterConfig`` mixed in), its
+layer, and a subclass of ``AdapterModel`` that says which linears it adapts;
+freezing, attribute fall-through, parameter counts and safetensors
+save/load are here, once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+class AdapterConfig:
+    """Mixin for a method's config dataclass: validation helper and JSON round trip."""
+
+    def require(self, ok: bool, name: str, allowed: str) -> None:
+        """Raise the one clear error: ``field: got VALUE; allowed: ...``."""
+        if not ok:
+            raise ValueError(f"{name}: got {getattr(self, name)!r}; allowed: {allowed}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path):
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def matches(name: str, targets: Sequence[str]) -> bool:
+    """PEFT's rule: a module name matches a target when equal to it or ending in ``.target``."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def find_linears(model: nn.Module, targets: Sequence[str] | None,
+                 default: Sequence[str] | None = None) -> list[str]:
+    """Names of the ``nn.Linear`` modules matching ``targets`` (or ``default``), in module order."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    found = [n for n in linears if matches(n, targets or default or ())]
+    if not found:
+        shown = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in linears})[:20])
+        raise ValueError(f"target_modules: {targets!r} matches no nn.Linear; linears here: {shown}")
+    return found
+
+
+def layer_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The ``nn.ModuleList`` with the most children holding a linear: the transformer layers."""
+    best, best_count = None, 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList):
+            count = sum(any(isinstance(m, nn.Linear) for m in child.modules()) for child in module)
+            if count > best_count:
+                best, best_count = (name, module), count
+    return best
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None) -> Iterator[None]:
+    """Initialise under ``seed`` without disturbing the global RNG (no-op for None)."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+class AdapterModel(nn.Module):
+    """A frozen base model whose chosen linears were replaced by a method's layers.
+
+    Subclasses set ``method`` (the registry name written into checkpoints) and
+    ``config_class``, and call ``replace(name, make_layer)`` for each target.
+    Attributes the wrapper lacks (``config`` aside) fall through to the base model.
+    """
+
+    method: ClassVar[str]
+    config_class: ClassVar[type]
+
+    def __init__(self, base_model: nn.Module, config: Any):
+        super().__init__()
+        self.base_model = base_model
+        self.config = config
+        self.adapted: list[str] = []
+        base_model.requires_grad_(False)
+
+    def replace(self, name: str, make_layer: Callable[[nn.Linear], nn.Module]) -> nn.Module:
+        """Swap the linear ``name`` for ``make_layer(linear)`` and record it as adapted."""
+        parent_name, _, child = name.rpartition(".")
+        parent = self.base_model.get_submodule(parent_name)
+        layer = make_layer(getattr(parent, child))
+        setattr(parent, child, layer)
+        self.adapted.append(name)
+        return layer
+
+    def adapted_layers(self) -> list[nn.Module]:
+        return [self.base_model.get_submodule(n) for n in self.adapted]
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)  # device, generation_config, ...
+
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.base_model.generate(*args, **kwargs)
+
+    # ---- parameters, save and load ------------------------------------------------------
+
+    def adapter_state_dict(self) -> dict[str, Tensor]:
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def print_trainable_parameters(self) -> None:
+        total = sum(p.numel() for p in self.parameters())
+        trainable = self.num_trainable_parameters()
+        print(f"trainable params: {trainable:,} || all params: {total:,} || "
+              f"trainable%: {100 * trainable / total:.4f}")
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Adapter weights (safetensors) and config (JSON); the base model is not saved."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {n: t.contiguous() for n, t in self.adapter_state_dict().items()}
+        save_file(tensors, str(directory / ADAPTER_WEIGHTS))
+        (directory / ADAPTER_CONFIG).write_text(
+            json.dumps({"method": self.method, **self.config.to_dict()}, indent=2) + "\n"
+        )
+
+    def load_adapter(self, directory: str | Path) -> None:
+        tensors = load_file(str(Path(directory) / ADAPTER_WEIGHTS))
+        expected = set(self.adapter_state_dict())
+        if set(tensors) != expected:
+            missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+            raise ValueError(
+                f"adapter checkpoint {directory} does not fit this model: "
+                f"missing {missing[:3]}, unexpected {extra[:3]}"
+            )
+        self.load_state_dict(tensors, strict=False)
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, directory: str | Path):
+        data = json.loads((Path(directory) / ADAPTER_CONFIG).read_text())
+        method = data.pop("method", cls.method)
+        if method != cls.method:
+            raise ValueError(f"adapter checkpoint {directory} holds {method!r}, not {cls.method!r}")
+        model = cls(base_model, cls.config_class.from_dict(data))
+        model.load_adapter(directory)
+        return model
