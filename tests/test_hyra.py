@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from qlsearch.adapters.hyra import HyRAConfig, HyRALinear, HyRAModel, attach, parameter_count
-from tests.conftest import BUILDERS, VOCAB, tiny_mlp
+from tests.conftest import BUILDERS, tiny_mlp
+from tests.test_adapter_contract import perturb
 
 KNOBS = {"r": 4, "embed_dim": 8, "hidden_dim": 4, "seed": None}
 MLP = {"target_modules": ["2", "4", "6", "8"], "num_heads": 4}  # the 16 -> 16 linears
@@ -19,46 +20,17 @@ def base_of(kind: str, seed: int = 0) -> nn.Module:
     return tiny_mlp() if kind == "mlp" else BUILDERS[kind]()
 
 
-def inputs(kind: str, batch: int = 3, seed: int = 1) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    if kind == "mlp":
-        return torch.randn(batch, 2, generator=gen)
-    return torch.randint(1, VOCAB, (batch, 8), generator=gen)
-
-
 def adapted(kind: str, **knobs) -> HyRAModel:
     return attach(base_of(kind), **{**KNOBS, **knobs}, **(MLP if kind == "mlp" else {}))
 
 
-def output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = model(x)
-    if isinstance(out, torch.Tensor):
-        return out
-    return out.logits if hasattr(out, "logits") else out.last_hidden_state
-
-
-def perturb(model: nn.Module, std: float = 0.1, seed: int = 0) -> None:
-    """Move every adapter parameter (the B generator starts at zero) so the update is non-zero."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * std)
-
-
-@pytest.mark.parametrize("kind", ["qwen2", "llama", "bert", "mlp"])
-def test_attach_keeps_base_output_at_init_and_trains_only_the_hypernetworks(kind):
-    base = base_of(kind)
-    x = inputs(kind)
-    with torch.no_grad():
-        before = output(base, x)
-    model = attach(base, **KNOBS, **(MLP if kind == "mlp" else {})).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(output(model, x), before, rtol=0, atol=0)  # W_B = b_B = 0
+@pytest.mark.parametrize("kind", ["qwen2", "bert", "mlp"])
+def test_only_the_hypernetworks_train_and_their_count_is_the_formula(kind):
+    model = adapted(kind)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".hypernet." in n for n in trainable)
     assert model.num_trainable_parameters() == parameter_count(model.config, model.adapted_shapes())
-    assert len(model.adapted) == 16 if kind != "mlp" else 4  # q, k, v, o of 4 layers
+    assert len(model.adapted) == (16 if kind != "mlp" else 4)  # q, k, v, o of 4 layers
 
 
 def test_default_targets_are_the_attention_projections():
@@ -97,53 +69,6 @@ def test_heads_share_one_hypernetwork_but_get_distinct_factors():
     A, B = layer.hypernet()
     assert layer.hypernet.head_embeddings.shape[0] == layer.num_heads
     assert not torch.allclose(A[0], A[1]) and not torch.allclose(B[0], B[1])
-
-
-@pytest.mark.parametrize("kind", ["qwen2", "llama", "bert", "mlp"])
-def test_a_few_adamw_steps_lower_a_toy_regression_loss(kind):
-    teacher = adapted(kind).eval()  # eval: no base dropout, a deterministic loss
-    perturb(teacher, std=0.3, seed=5)
-    x = inputs(kind, batch=4)
-    with torch.no_grad():
-        target = output(teacher, x)  # reachable: the same model with other adapter weights
-    model = adapted(kind).eval()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(10):
-        loss = nn.functional.mse_loss(output(model, x), target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.7 * losses[0]
-
-
-@pytest.mark.parametrize("kind", ["qwen2", "mlp"])
-def test_save_then_load_gives_identical_outputs(kind, tmp_path):
-    model = adapted(kind).eval()
-    perturb(model)
-    x = inputs(kind)
-    with torch.no_grad():
-        expected = output(model, x)
-    model.save_pretrained(tmp_path)
-    assert (tmp_path / "adapter_model.safetensors").exists()
-    fresh = base_of(kind)  # the same frozen weights
-    torch.manual_seed(123)  # a different adapter init, which the checkpoint must overwrite
-    loaded = HyRAModel.from_pretrained(fresh, tmp_path).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(output(loaded, x), expected, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("kind", ["qwen2", "bert"])
-def test_batch_invariance(kind):
-    """An example's output does not depend on its batch-mates."""
-    model = adapted(kind).eval()
-    perturb(model)
-    x = inputs(kind, batch=4)
-    with torch.no_grad():
-        together = output(model, x)
-        alone = torch.cat([output(model, x[i:i + 1]) for i in range(len(x))])
-    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)
 
 
 def test_parameter_count_at_the_qwen_shape():

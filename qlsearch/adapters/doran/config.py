@@ -31,6 +31,6 @@ class DoRANConfig(RepLoRAConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._need(isinstance(self.tau_init, int | float) and math.isfinite(self.tau_init) and self.tau_init > 0,
-                   "tau_init", "a finite number > 0")
-        self._need(self.magnitude_init in MAGNITUDE_INITS, "magnitude_init", ", ".join(MAGNITUDE_INITS))
+        self.require(isinstance(self.tau_init, int | float) and math.isfinite(self.tau_init) and self.tau_init > 0,
+                     "tau_init", "a finite number > 0")
+        self.require(self.magnitude_init in MAGNITUDE_INITS, "magnitude_init", ", ".join(MAGNITUDE_INITS))

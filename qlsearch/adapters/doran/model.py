@@ -32,7 +32,7 @@ class DoRANModel(RepLoRAModel):
     """
 
     method = "doran"
-    config_cls = DoRANConfig
+    config_class = DoRANConfig
     layer_cls = DoRANLinear
 
     def _make_layer(self, base_layer: nn.Linear, shared: SharedInput) -> DoRANLinear:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field
+
+from qlsearch.adapters._wrapper import AdapterConfig, is_positive_int
 
 #: Attention projections adapted by default: Llama/Qwen2 spellings, then BERT's.
 #: ``attention.output.dense`` is BERT's O projection (its bare ``output.dense`` is the MLP's).
@@ -12,7 +12,7 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "valu
 
 
 @dataclass
-class HyRAConfig:
+class HyRAConfig(AdapterConfig):
     """HyRA hyperparameters (Diep et al. 2026, arXiv 2510.04295; symbols in brackets).
 
     Each adapted projection with ``H`` heads of ``d_head = d_out / H`` output rows
@@ -36,40 +36,13 @@ class HyRAConfig:
     seed: int | None = field(default=None, metadata={"help": "seed for the adapter's initialisation (None: the global RNG)"})
 
     def __post_init__(self) -> None:
-        def need(ok: bool, name: str, allowed: str) -> None:
-            if not ok:
-                raise ValueError(f"{name}: got {getattr(self, name)!r}; allowed: {allowed}")
-
-        for name in ("r", "embed_dim", "hidden_dim"):
-            value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, "an integer >= 1")
-        need(self.num_heads is None or (isinstance(self.num_heads, int) and self.num_heads >= 1),
-             "num_heads", "None or an integer >= 1")
-        need(isinstance(self.dropout, int | float) and 0.0 <= self.dropout < 1.0, "dropout", "a number in [0, 1)")
-        need(isinstance(self.alpha, int | float) and self.alpha > 0, "alpha", "a number > 0")
-        if isinstance(self.target_modules, str):
-            self.target_modules = [self.target_modules]
-        need(self.target_modules is None or len(self.target_modules) > 0, "target_modules",
-             "None or a non-empty list of linear names")
+        self.require_lora_fields()
+        for name in ("embed_dim", "hidden_dim"):
+            self.require(is_positive_int(getattr(self, name)), name, "an integer >= 1")
+        self.require(self.num_heads is None or is_positive_int(self.num_heads), "num_heads",
+                     "None or an integer >= 1")
 
     @property
     def scaling(self) -> float:
         return self.alpha / self.r
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> HyRAConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"hyra config: unknown field(s) {unknown}; allowed: {sorted(known)}")
-        return cls(**data)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> HyRAConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field
+
+from qlsearch.adapters._wrapper import AdapterConfig, is_positive_int
 
 
 @dataclass
-class MoELoRAConfig:
+class MoELoRAConfig(AdapterConfig):
     """MoE-LoRA hyperparameters (Luo et al. 2024, arXiv 2402.12851; symbols in brackets).
 
     Per adapted linear: ``y = W0 x + (alpha/r) sum_{i in topk} G(x)_i B_i A_i x``,
@@ -35,47 +35,19 @@ class MoELoRAConfig:
     seed: int | None = field(default=None, metadata={"help": "seed for the adapter's initialisation (None: the global RNG)"})
 
     def __post_init__(self) -> None:
-        def need(ok: bool, name: str, allowed: str) -> None:
-            if not ok:
-                raise ValueError(f"{name}: got {getattr(self, name)!r}; allowed: {allowed}")
-
-        def is_int(v) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        for name in ("r", "num_experts", "contrastive_tokens"):
-            need(is_int(getattr(self, name)) and getattr(self, name) >= 1, name, "an integer >= 1")
-        need(is_int(self.top_k) and 1 <= self.top_k <= self.num_experts, "top_k",
+        self.require_lora_fields()
+        need = self.require
+        for name in ("num_experts", "contrastive_tokens"):
+            need(is_positive_int(getattr(self, name)), name, "an integer >= 1")
+        need(is_positive_int(self.top_k) and self.top_k <= self.num_experts, "top_k",
              f"an integer with 1 <= top_k <= num_experts ({self.num_experts})")
-        need(isinstance(self.dropout, int | float) and 0.0 <= self.dropout < 1.0, "dropout", "a number in [0, 1)")
-        need(isinstance(self.alpha, int | float) and self.alpha > 0, "alpha", "a number > 0")
         for name in ("load_balance_weight", "contrastive_weight"):
             v = getattr(self, name)
             need(isinstance(v, int | float) and math.isfinite(v) and v >= 0, name, "a finite number >= 0")
         t = self.contrastive_temperature
         need(isinstance(t, int | float) and math.isfinite(t) and t > 0, "contrastive_temperature", "a finite number > 0")
-        if isinstance(self.target_modules, str):
-            self.target_modules = [self.target_modules]
-        need(self.target_modules is None or len(self.target_modules) > 0, "target_modules",
-             "None or a non-empty list of linear names")
 
     @property
     def scaling(self) -> float:
         return self.alpha / self.r
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> MoELoRAConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"moelora config: unknown field(s) {unknown}; allowed: {sorted(known)}")
-        return cls(**data)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> MoELoRAConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))

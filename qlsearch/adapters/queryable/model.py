@@ -20,7 +20,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from qlsearch.adapters._wrapper import AdapterModel, find_linears, layer_list, seeded
+from qlsearch.adapters._wrapper import (
+    AdapterModel,
+    find_layer_linears,
+    group_by_layer,
+    layer_list,
+    seeded,
+)
 from qlsearch.adapters.queryable.config import QueryableConfig
 from qlsearch.adapters.queryable.encoder import InstructionEncoder
 from qlsearch.adapters.queryable.layer import QueryableLinear
@@ -32,25 +38,15 @@ Instruction = str | Sequence[str | None] | Tensor | None
 
 def find_units(model: nn.Module, config: QueryableConfig) -> list[list[str]]:
     """Names of the linears to adapt, grouped into units in forward order."""
+    targets = find_layer_linears(model, config.target_modules)
     layers = layer_list(model)
-    if config.target_modules is None:
-        prefix = layers[0] + "." if layers else ""
-        targets = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(prefix)]
-    else:
-        targets = find_linears(model, config.target_modules)
-    if layers is None:
-        return [[n] for n in targets]
-    prefix = layers[0] + "."
-    outside = [n for n in targets if not n.startswith(prefix)]
+    outside = [n for n in targets if layers and not n.startswith(layers[0] + ".")]
     if outside:
         raise ValueError(
             f"target_modules: {outside[0]!r} lies outside the transformer layers ({layers[0]}); "
             "the queryable adapter routes per layer, so adapt only linears inside them"
         )
-    units: dict[str, list[str]] = {}
-    for n in targets:
-        units.setdefault(n[len(prefix):].split(".", 1)[0], []).append(n)
-    return list(units.values())
+    return group_by_layer(model, targets)
 
 
 def split_blocks(num_units: int, num_blocks: int) -> list[list[int]]:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field
+
+from qlsearch.adapters._wrapper import AdapterConfig, is_positive_int
 
 #: The attention Q and V projections: Llama/Qwen2 spellings, then BERT's.
 DEFAULT_TARGETS = ("q_proj", "v_proj", "query", "value")
@@ -13,7 +12,7 @@ ACTIVATIONS = ("gelu", "relu", "silu", "tanh", "identity")
 
 
 @dataclass
-class RepLoRAConfig:
+class RepLoRAConfig(AdapterConfig):
     """RepLoRA hyperparameters (Truong et al. 2025, arXiv 2502.03044; symbols in brackets).
 
     Each adapted projection ``t`` has learnable seeds ``A0_t`` (``r x d_in``) and
@@ -37,24 +36,9 @@ class RepLoRAConfig:
     seed: int | None = field(default=None, metadata={"help": "seed for the adapter's initialisation (None: the global RNG)"})
 
     def __post_init__(self) -> None:
-        for name in ("r", "hidden"):
-            value = getattr(self, name)
-            self._need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, "an integer >= 1")
-        self._need(isinstance(self.dropout, int | float) and 0.0 <= self.dropout < 1.0, "dropout", "a number in [0, 1)")
-        self._need(isinstance(self.alpha, int | float) and math.isfinite(self.alpha) and self.alpha > 0,
-                   "alpha", "a finite number > 0")
-        self._need(self.activation in ACTIVATIONS, "activation", ", ".join(ACTIVATIONS))
-        if isinstance(self.target_modules, str):
-            self.target_modules = [self.target_modules]
-        self._need(self.target_modules is None or (len(self.target_modules) > 0 and all(
-            isinstance(t, str) and t for t in self.target_modules)),
-            "target_modules", "None or a non-empty list of linear names")
-        if self.target_modules is not None:
-            self.target_modules = list(self.target_modules)
-
-    def _need(self, ok: bool, name: str, allowed: str) -> None:
-        if not ok:
-            raise ValueError(f"{name}: got {getattr(self, name)!r}; allowed: {allowed}")
+        self.require_lora_fields()
+        self.require(is_positive_int(self.hidden), "hidden", "an integer >= 1")
+        self.require(self.activation in ACTIVATIONS, "activation", ", ".join(ACTIVATIONS))
 
     @property
     def scaling(self) -> float:
@@ -64,20 +48,3 @@ class RepLoRAConfig:
     def targets(self) -> list[str]:
         return list(self.target_modules or DEFAULT_TARGETS)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict):
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; allowed: {sorted(known)}")
-        return cls(**data)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path):
-        return cls.from_dict(json.loads(Path(path).read_text()))
