@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from difflib import get_close_matches
 
 import torch
 from torch import nn
+
+from qlsearch._registry import lookup
 
 
 @dataclass(frozen=True)
@@ -37,14 +38,7 @@ def register(method: Method) -> Method:
 
 
 def get_method(name: str) -> Method:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        close = get_close_matches(name, _REGISTRY, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(
-            f"method: unknown adapter {name!r}; allowed: {', '.join(sorted(_REGISTRY))}.{hint}"
-        ) from None
+    return lookup(_REGISTRY, name, "method", "adapter")
 
 
 def list_methods() -> list[Method]:

@@ -21,11 +21,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from difflib import get_close_matches
 from os import PathLike
 from pathlib import Path
 from typing import Literal
 
+from qlsearch._registry import lookup
 from qlsearch.tasks import _text_formats as fmt
 from qlsearch.tasks._text_answers import (
     answers_match,
@@ -145,14 +145,7 @@ TEXT_TASKS: dict[str, TextTask] = {t.name: t for t in (
 
 
 def get_text_task(name: str) -> TextTask:
-    try:
-        return TEXT_TASKS[name]
-    except KeyError:
-        close = get_close_matches(name, TEXT_TASKS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(
-            f"task: unknown text task {name!r}; allowed: {', '.join(sorted(TEXT_TASKS))}.{hint}"
-        ) from None
+    return lookup(TEXT_TASKS, name, "task", "text task")
 
 
 def load_task(name: str, split: str, limit: int | None = None, data_files: DataFiles | None = None,
