@@ -1,0 +1,161 @@
+"""The ``qlsearch`` command: one subcommand per function, registered in ``_SUBCOMMANDS``.
+
+Each subcommand is a pair: ``_add_<name>(subparsers)`` declares its options
+and ``_run_<name>(args) -> int`` does the work. Heavy imports happen inside
+the run function, so ``qlsearch --help`` stays instant.
+
+Bad input exits with status 2 and one line naming the option and the allowed
+values, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import sys
+import warnings
+from collections.abc import Callable
+
+
+class UsageError(Exception):
+    """Bad input found after parsing (e.g. by a settings object): reported like argparse's own."""
+
+
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _methods(text: str) -> list[str]:
+    from qlsearch.adapters import get_method
+    from qlsearch.profiling._settings import FROZEN
+
+    names = _comma_list(text)
+    if not names:
+        raise argparse.ArgumentTypeError("give one or more adapter methods, comma-separated")
+    for name in names:
+        if name != FROZEN:
+            try:
+                get_method(name)
+            except ValueError as err:
+                raise argparse.ArgumentTypeError(str(err).removeprefix("method: ")) from None
+    return names
+
+
+def _skip(text: str) -> list[str]:
+    from qlsearch.profiling._settings import SKIPPABLE
+
+    phases = _comma_list(text)
+    unknown = [p for p in phases if p not in SKIPPABLE]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown phase(s) {', '.join(unknown)}; allowed: {', '.join(SKIPPABLE)}")
+    return phases
+
+
+# ---- profile --------------------------------------------------------------------------------
+
+def _add_profile(subparsers: argparse._SubParsersAction) -> None:
+    from qlsearch.profiling._settings import DEVICES, DTYPES, SKIPPABLE, ProfileSettings
+
+    # every option but --json/--out is a ProfileSettings field: its default is read from there
+    default = {f.name: f.default for f in dataclasses.fields(ProfileSettings)}
+    p = subparsers.add_parser(
+        "profile", help="forward latency, decode throughput, training step, parameters, memory",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Time adapter methods against the frozen model and PEFT LoRA on one model "
+                    "config (random weights; nothing is downloaded).")
+    p.add_argument("--model", required=True, help="hub id (config only) or a folder with config.json")
+    p.add_argument("--methods", type=_methods, default=",".join(default["methods"]),
+                   help="comma-separated registry names; frozen and lora are always measured")
+    p.add_argument("--batch", type=int, default=default["batch"], help="examples per call")
+    p.add_argument("--seq", type=int, default=default["seq"], help="prompt tokens per example")
+    p.add_argument("--new-tokens", type=int, default=default["new_tokens"], help="decode length N")
+    p.add_argument("--dtype", choices=DTYPES, default=default["dtype"], help="weights and activations")
+    p.add_argument("--device", choices=DEVICES, default=default["device"], help="where to run")
+    p.add_argument("--compile", action="store_true", help="torch.compile each model (forward, train)")
+    p.add_argument("--repeats", type=int, default=default["repeats"], help="timed rounds")
+    p.add_argument("--warmup", type=int, default=default["warmup"], help="untimed rounds first")
+    p.add_argument("--skip", type=_skip, default="", help=f"phases to leave out, of {','.join(SKIPPABLE)}")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (None: torch's default)")
+    p.add_argument("--attn-implementation", default=default["attn_implementation"],
+                   help="attention kernel: sdpa, eager, ...")
+    p.add_argument("--r", type=int, default=default["r"], help="rank of every method")
+    p.add_argument("--num-atoms", type=int, default=default["num_atoms"], help="queryable: atoms M")
+    p.add_argument("--top-k", type=int, default=default["top_k"], help="queryable: atoms per route k")
+    p.add_argument("--num-blocks", type=int, default=default["num_blocks"], help="queryable: blocks B")
+    p.add_argument("--target-modules", type=_comma_list, default=",".join(default["target_modules"]),
+                   help="comma-separated linear names")
+    p.add_argument("--seed", type=int, default=default["seed"], help="weights, tokens, adapters")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--out", metavar="DIR", help="also write DIR/<tag>.json and DIR/<tag>.md")
+    p.add_argument("--tag", help="file name under --out (None: the machine, e.g. cpu-amd-epyc-2t)")
+    p.set_defaults(run=_run_profile, parser=p)
+
+
+def _run_profile(args: argparse.Namespace) -> int:
+    from qlsearch.profiling import (
+        ProfileSettings,
+        format_table,
+        profile_methods,
+        write_results,
+    )
+
+    # PEFT still asks transformers 5 the deprecated name: noise, not the user's concern
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                            category=FutureWarning)
+    try:
+        settings = ProfileSettings(**{f.name: getattr(args, f.name)
+                                      for f in dataclasses.fields(ProfileSettings)})
+        result = profile_methods(settings, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    except ValueError as err:
+        raise UsageError(_as_option(err, args)) from err
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+    else:
+        print(format_table(result))
+    if args.out:
+        for path in write_results(result, args.out, settings.tag):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _as_option(err: ValueError, args: argparse.Namespace) -> str:
+    """``"dtype: ..."`` -> ``"--dtype: ..."`` when the name is one of this command's options.
+
+    A ValueError that names no option is a bug, not bad input: it is raised again.
+    """
+    message = str(err)
+    match = re.match(r"(?:--)?([a-z][a-z_]*):", message)
+    if match is None or match.group(1) not in vars(args):
+        raise err
+    return f"--{match.group(1).replace('_', '-')}{message[match.end(1):]}"
+
+
+# ---- the command ---------------------------------------------------------------------------
+
+_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_profile]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qlsearch", description="Hyperparameter search and Pareto benchmarking for Queryable LoRA.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in _SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except UsageError as err:
+        args.parser.error(str(err))  # prints the subcommand's usage and the message; exits 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""Run the comparison: forward, decode and training step of every method, interleaved."""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from qlsearch.profiling._machine import machine_info
+from qlsearch.profiling._settings import FROZEN, REFERENCE, ProfileSettings
+from qlsearch.profiling._subjects import (
+    Subject,
+    build_base,
+    build_subjects,
+    count_parameters,
+    cuda_peak_bytes,
+    forward_call,
+    generate_call,
+    generation_kwargs,
+    make_inputs,
+    train_call,
+)
+from qlsearch.profiling._timing import Clock, Spread, timed_rounds, warm_up
+
+_PEAK_MEMORY = ("the model's own parameters and buffers plus the most allocated above them in one "
+                "forward and (unless train is skipped) one training step with a fresh AdamW; "
+                "torch.cuda.max_memory_allocated")
+_NO_PEAK_MEMORY = ("null: not measured on CPU (the process RSS never shrinks, so one process "
+                   "cannot attribute it to methods that run interleaved)")
+
+
+#: Under --compile: the queryable adapter's routing state keeps integer counters that dynamo
+#: would otherwise specialise on (a recompile per call); five models share code objects,
+#: so the default of 8 graphs per code object is too few.
+_DYNAMO_CONFIG = {"allow_unspec_int_on_nn_module": True, "recompile_limit": 64}
+
+
+def _compile_context(settings: ProfileSettings) -> contextlib.AbstractContextManager:
+    if not settings.compile:
+        return contextlib.nullcontext()
+    import torch._dynamo
+
+    return torch._dynamo.config.patch(**_DYNAMO_CONFIG)
+
+
+def _compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["frames"]["ok"]
+
+
+@dataclass
+class _Phases:
+    """Runs each phase's warm-up and timed rounds; counts compilations inside timed rounds,
+    which would mean the samples measure the compiler, not the model."""
+
+    settings: ProfileSettings
+    clock: Clock
+    progress: Callable[[str], None] | None
+    compiles_while_timing: int = 0
+
+    def time(self, calls: dict, label: str) -> dict[str, list[float]]:
+        warm_up(calls, self.settings.warmup)
+        before = _compiled_graphs() if self.settings.compile else 0
+        samples = timed_rounds(calls, self.clock, self.settings.repeats, self.progress, label)
+        compiled = _compiled_graphs() - before if self.settings.compile else 0
+        if compiled and self.progress is not None:
+            self.progress(f"{label}: warning: {compiled} graph(s) compiled while timing; "
+                          "raise --warmup")
+        self.compiles_while_timing += compiled
+        return samples
+
+
+@dataclass
+class MethodProfile:
+    """One method's row. Times are medians over the repeats; ratios are to PEFT LoRA
+    and ``overhead_ms`` is to the frozen model, all measured in the same process.
+    Phases that were skipped (or cannot apply, like training the frozen model) are None."""
+
+    forward_ms: float
+    forward_ms_spread: dict
+    forward_ratio: float
+    overhead_ms: float
+    prefill_ms: float | None
+    decode_tokens_per_s: float | None
+    decode_tokens_per_s_spread: dict | None
+    decode_ratio: float | None
+    train_step_ms: float | None
+    train_step_ms_spread: dict | None
+    train_ratio: float | None
+    trainable_params: int
+    total_params: int
+    adapter_bytes: int
+    peak_memory_bytes: int | None
+
+
+@dataclass
+class ProfileResult:
+    machine: dict
+    settings: dict
+    methods: dict[str, MethodProfile]
+
+    def as_dict(self) -> dict:
+        return {"machine": self.machine, "settings": self.settings,
+                "methods": {name: asdict(row) for name, row in self.methods.items()}}
+
+
+def _ratio(value: float | None, reference: float | None) -> float | None:
+    return None if value is None or not reference else value / reference
+
+
+def _decode_rate(batch: int, new_tokens: int, full_ms: float, prefill_ms: float) -> float | None:
+    """Tokens/s of the N - 1 decode steps: ``batch (N - 1) / (t(N) - t(prefill))``.
+
+    None when noise makes the decode time non-positive (too few repeats).
+    """
+    decode_ms = full_ms - prefill_ms
+    return batch * (new_tokens - 1) / (decode_ms / 1e3) if decode_ms > 0 else None
+
+
+def _measure_decode(subjects: list[Subject], inputs: dict, settings: ProfileSettings,
+                    phases: _Phases) -> dict[str, tuple[float, float | None, list]]:
+    """Per method: (prefill ms, tokens/s from the medians, per-round tokens/s for the spread)."""
+    config = subjects[0].model.config  # the frozen HF model's config
+    N = settings.new_tokens
+    calls = {}
+    for s in subjects:
+        calls[(s.name, 1)] = generate_call(s, inputs, generation_kwargs(config, 1))
+        calls[(s.name, N)] = generate_call(s, inputs, generation_kwargs(config, N))
+    samples = phases.time(calls, "decode")
+    out = {}
+    for s in subjects:
+        prefill, full = samples[(s.name, 1)], samples[(s.name, N)]
+        rate = _decode_rate(settings.batch, N, statistics.median(full), statistics.median(prefill))
+        rounds = [r for f, p in zip(full, prefill, strict=True)
+                  if (r := _decode_rate(settings.batch, N, f, p)) is not None]
+        out[s.name] = (statistics.median(prefill), rate, rounds)
+    return out
+
+
+def _measure_train(subjects: list[Subject], inputs: dict, phases: _Phases) -> dict[str, list[float]]:
+    trained = [s for s in subjects if s.name != FROZEN]  # nothing to train
+    for s in trained:
+        s.model.train()
+    try:
+        calls = {s.name: train_call(s, inputs) for s in trained}
+        return phases.time(calls, "train")
+    finally:
+        for s in trained:
+            s.model.zero_grad(set_to_none=True)
+            s.model.eval()
+
+
+def profile_methods(settings: ProfileSettings,
+                    progress: Callable[[str], None] | None = None) -> ProfileResult:
+    """Measure every method of ``settings`` against the frozen model and PEFT LoRA.
+
+    ``progress`` receives one line per timed round (the CLI prints them to stderr).
+
+    >>> result = profile_methods(ProfileSettings("benchmarks/configs/launch-bound", seq=1))
+    >>> result.methods["queryable"].forward_ratio
+    """
+    threads = torch.get_num_threads()
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    try:
+        return _profile(settings, progress)
+    finally:
+        torch.set_num_threads(threads)  # a library call leaves the process as it found it
+
+
+def _profile(settings: ProfileSettings, progress: Callable[[str], None] | None) -> ProfileResult:
+    say = progress or (lambda line: None)
+    say(f"building {settings.model} ({settings.dtype}, {settings.device})")
+    base = build_base(settings)
+    subjects = build_subjects(base, settings)
+    inputs = make_inputs(base, settings)
+    clock = Clock(settings.device)
+    phases = _Phases(settings, clock, progress)
+    started = time.time()
+
+    with _compile_context(settings):
+        forward = phases.time({s.name: forward_call(s, inputs) for s in subjects}, "forward")
+        decode = _measure_decode(subjects, inputs, settings, phases) if settings.runs("decode") else {}
+        train = _measure_train(subjects, inputs, phases) if settings.runs("train") else {}
+        peaks = ({s.name: cuda_peak_bytes(s, inputs, settings.runs("train")) for s in subjects}
+                 if settings.device == "cuda" else {})
+
+    fwd = {name: statistics.median(x) for name, x in forward.items()}
+    step = {name: statistics.median(x) for name, x in train.items()}
+    rate = {name: d[1] for name, d in decode.items()}
+    methods = {}
+    for s in subjects:
+        trainable, total = count_parameters(s.model)
+        prefill, _, rounds = decode.get(s.name, (None, None, []))
+        methods[s.name] = MethodProfile(
+            forward_ms=fwd[s.name],
+            forward_ms_spread=Spread.of(forward[s.name]).as_dict(),
+            forward_ratio=fwd[s.name] / fwd[REFERENCE],
+            overhead_ms=fwd[s.name] - fwd[FROZEN],
+            prefill_ms=prefill,
+            decode_tokens_per_s=rate.get(s.name),
+            decode_tokens_per_s_spread=Spread.of(rounds).as_dict() if rounds else None,
+            decode_ratio=_ratio(rate.get(s.name), rate.get(REFERENCE)),
+            train_step_ms=step.get(s.name),
+            train_step_ms_spread=Spread.of(train[s.name]).as_dict() if s.name in train else None,
+            train_ratio=_ratio(step.get(s.name), step.get(REFERENCE)),
+            trainable_params=trainable,
+            total_params=total,
+            adapter_bytes=sum(p.numel() * p.element_size() for p in s.trainable),
+            peak_memory_bytes=peaks.get(s.name),
+        )
+
+    config = base.config
+    recorded = {
+        **settings.as_dict(),
+        "model_config": {key: getattr(config, key, None) for key in (
+            "model_type", "num_hidden_layers", "hidden_size", "intermediate_size",
+            "num_attention_heads", "num_key_value_heads", "vocab_size")},
+        "timer": clock.name,
+        "statistic": "median over repeats after warm-up; methods interleaved round-robin",
+        "compiled_phases": ["forward", "train"] if settings.compile else [],
+        "dynamo_config": _DYNAMO_CONFIG if settings.compile else None,
+        "compiles_while_timing": phases.compiles_while_timing if settings.compile else None,
+        "decode_formula": "batch * (new_tokens - 1) / (t(generate new_tokens) - t(generate 1))",
+        "peak_memory": _PEAK_MEMORY if settings.device == "cuda" else _NO_PEAK_MEMORY,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "seconds": round(time.time() - started, 1),
+    }
+    return ProfileResult(machine_info(settings.device), recorded, methods)

@@ -1,0 +1,81 @@
+"""A profile as text: a terminal table, a Markdown table, and files a person can open."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from qlsearch.profiling._benchmark import MethodProfile, ProfileResult
+from qlsearch.profiling._machine import machine_tag
+
+_HEADERS = ("method", "forward ms [min-max]", "overhead ms", "fwd x LoRA", "prefill ms",
+            "decode tok/s", "dec x LoRA", "train ms", "train x LoRA", "trainable", "total",
+            "peak MiB")
+
+
+def _num(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _row(name: str, m: MethodProfile) -> list[str]:
+    spread = m.forward_ms_spread
+    return [
+        name,
+        f"{m.forward_ms:,.2f} [{spread['min']:,.2f}-{spread['max']:,.2f}]",
+        f"{m.overhead_ms:+,.2f}",
+        _num(m.forward_ratio, 3),
+        _num(m.prefill_ms),
+        _num(m.decode_tokens_per_s, 1),
+        _num(m.decode_ratio, 3),
+        _num(m.train_step_ms),
+        _num(m.train_ratio, 3),
+        f"{m.trainable_params:,}",
+        f"{m.total_params:,}",
+        "-" if m.peak_memory_bytes is None else f"{m.peak_memory_bytes / 2**20:,.1f}",
+    ]
+
+
+def _caption(result: ProfileResult) -> str:
+    s, mc, machine = result.settings, result.settings["model_config"], result.machine
+    threads = machine["torch_threads"]
+    where = (machine["gpu"]["name"] if machine["gpu"]
+             else f"{machine['cpu']}, {threads} thread{'s' if threads != 1 else ''}")
+    return (f"{s['model']} ({mc['model_type']}, {mc['num_hidden_layers']} layers, hidden {mc['hidden_size']}), "
+            f"batch {s['batch']} x seq {s['seq']}, {s['dtype']} on {where}, torch {machine['torch']}; "
+            f"median of {s['repeats']} after {s['warmup']} warm-up, decode {s['new_tokens']} tokens"
+            f"{', compiled' if s['compile'] else ''}")
+
+
+def format_table(result: ProfileResult) -> str:
+    """A fixed-width table for the terminal, with the settings in one line above it."""
+    rows = [list(_HEADERS)] + [_row(name, m) for name, m in result.methods.items()]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADERS))]
+    lines = [_caption(result)]
+    for j, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                               for i, (cell, w) in enumerate(zip(row, widths, strict=True))))
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_markdown(result: ProfileResult) -> str:
+    """The same table in Markdown, with its settings as a caption."""
+    lines = [f"**{_caption(result)}**", "", "| " + " | ".join(_HEADERS) + " |",
+             "|" + "|".join(["---"] + ["---:"] * (len(_HEADERS) - 1)) + "|"]
+    lines += ["| " + " | ".join(_row(name, m)) + " |" for name, m in result.methods.items()]
+    lines += ["", f"Peak memory: {result.settings['peak_memory']}.",
+              f"Timer: {result.settings['timer']}. Ratios are to PEFT LoRA, overhead to the frozen model, "
+              "both measured in the same process."]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(result: ProfileResult, out_dir: str | Path, tag: str | None = None) -> tuple[Path, Path]:
+    """``<out_dir>/<tag>.json`` and ``<tag>.md``; ``tag`` defaults to the machine's (e.g. ``cpu-amd-epyc-2t``)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = tag or machine_tag(result.machine)
+    json_path, md_path = out_dir / f"{tag}.json", out_dir / f"{tag}.md"
+    json_path.write_text(json.dumps(result.as_dict(), indent=2) + "\n")
+    md_path.write_text(format_markdown(result))
+    return json_path, md_path

@@ -1,0 +1,176 @@
+"""The models under test and the calls that are timed on them.
+
+One frozen base model is built from the config with random weights (nothing
+is downloaded). Each method adapts its own deep copy whose frozen tensors are
+the base's own (a deepcopy memo), so N methods cost one model's memory and
+every method reads the very same weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from qlsearch.adapters import attach, auxiliary_loss, get_method
+from qlsearch.params import load_config
+from qlsearch.profiling._settings import FROZEN, ProfileSettings
+
+
+@dataclass
+class Subject:
+    """One model under test: ``model`` as built, ``runner`` what forward and training call
+    (``torch.compile(model)`` under ``--compile``), and the extra keywords it needs."""
+
+    name: str
+    model: nn.Module
+    runner: nn.Module
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+
+def build_base(settings: ProfileSettings) -> nn.Module:
+    """The frozen causal LM for ``settings.model``, in eval mode, on the device.
+
+    transformers 5 builds in the config's own dtype (bf16 for Qwen2.5), so the
+    dtype is always given.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(settings.model)
+    torch.manual_seed(settings.seed)
+    with torch.device(settings.device):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=settings.torch_dtype, attn_implementation=settings.attn_implementation
+        )
+    return model.eval().requires_grad_(False)
+
+
+def shared_copy(base: nn.Module) -> nn.Module:
+    """A deep copy of ``base`` that shares its parameters and buffers.
+
+    Adapters never write the frozen weights (they wrap the layers that hold
+    them), so sharing is safe and keeps a 0.5B comparison in one model's memory.
+    """
+    memo = {id(t): t for t in itertools.chain(base.parameters(), base.buffers())}
+    return copy.deepcopy(base, memo)
+
+
+def build_subjects(base: nn.Module, settings: ProfileSettings) -> list[Subject]:
+    """The frozen base and one adapted copy per method, all in eval mode, in ``settings.measured`` order."""
+    subjects = []
+    for name in settings.measured:
+        torch.manual_seed(settings.seed)
+        if name == FROZEN:
+            model = base
+        else:
+            model = attach(shared_copy(base), name, **settings.knobs_for(name)).eval()
+        extra = {}
+        if name != FROZEN and get_method(name).instruction:
+            # a fixed embedding stands in for the encoded instruction text (e(c), batch x d_e)
+            width = getattr(getattr(model, "config", None), "instruction_dim", 384)
+            gen = torch.Generator().manual_seed(settings.seed)
+            extra["instruction"] = torch.randn(settings.batch, width, generator=gen).to(
+                settings.device, settings.torch_dtype)
+        runner = torch.compile(model) if settings.compile else model
+        subjects.append(Subject(name, model, runner, extra))
+    return subjects
+
+
+def make_inputs(base: nn.Module, settings: ProfileSettings) -> dict[str, Tensor]:
+    """Random token ids (batch x seq) and a full attention mask, the same for every method."""
+    gen = torch.Generator().manual_seed(settings.seed)
+    ids = torch.randint(0, base.config.vocab_size, (settings.batch, settings.seq), generator=gen)
+    ids = ids.to(settings.device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters; shared tensors counted once, as ``parameters()`` does."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of the model's own parameters and buffers (each storage once)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in itertools.chain(model.parameters(), model.buffers())}
+    return sum(storages.values())
+
+
+def forward_call(subject: Subject, inputs: dict[str, Tensor]) -> Callable[[], object]:
+    def call() -> object:
+        with torch.inference_mode():
+            return subject.runner(**inputs, **subject.extra)
+
+    return call
+
+
+def generation_kwargs(config, new_tokens: int) -> dict:
+    """Greedy decoding of exactly ``new_tokens`` tokens (min = max, so EOS cannot stop it early)."""
+    eos = config.eos_token_id
+    pad = config.pad_token_id if config.pad_token_id is not None else (
+        eos[0] if isinstance(eos, list) else eos)
+    return {"do_sample": False, "num_beams": 1, "min_new_tokens": new_tokens,
+            "max_new_tokens": new_tokens, "pad_token_id": 0 if pad is None else pad}
+
+
+def generate_call(subject: Subject, inputs: dict[str, Tensor], kwargs: dict) -> Callable[[], Tensor]:
+    """``generate`` on the model itself: it drives the model's own forward, so decoding
+    runs eager under ``--compile`` too (HF compiles decoding only with a static cache)."""
+    expected = inputs["input_ids"].shape[1] + kwargs["max_new_tokens"]
+
+    def call() -> Tensor:
+        with torch.inference_mode():
+            out = subject.model.generate(**inputs, **subject.extra, **kwargs)
+        if out.shape[1] != expected:
+            raise RuntimeError(f"{subject.name}: generate returned {out.shape[1]} tokens, "
+                               f"expected {expected}")
+        return out
+
+    return call
+
+
+def train_call(subject: Subject, inputs: dict[str, Tensor]) -> Callable[[], None]:
+    """One training step: causal-LM loss (plus the method's auxiliary terms), backward, AdamW."""
+    optimizer = torch.optim.AdamW(subject.trainable, lr=1e-4)
+
+    def call() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        out = subject.runner(**inputs, labels=inputs["input_ids"], **subject.extra)
+        (out.loss + auxiliary_loss(subject.model)).backward()
+        optimizer.step()
+
+    return call
+
+
+def cuda_peak_bytes(subject: Subject, inputs: dict[str, Tensor], train: bool) -> int:
+    """The model's own tensors plus the most it allocates above them in one forward and,
+    with ``train``, one training step with a fresh AdamW (gradients and optimizer state included).
+
+    Every model lives on the same GPU during a comparison, so the raw
+    ``max_memory_allocated`` would charge each method for all the others.
+    """
+    peaks = []
+    try:
+        for phase in ("forward", "train") if train else ("forward",):
+            subject.model.train(phase == "train")
+            call = forward_call(subject, inputs) if phase == "forward" else train_call(subject, inputs)
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            call()
+            torch.cuda.synchronize()
+            peaks.append(torch.cuda.max_memory_allocated() - before)
+    finally:
+        subject.model.zero_grad(set_to_none=True)
+        subject.model.eval()
+    return resident_bytes(subject.model) + max(peaks)

@@ -1,0 +1,98 @@
+"""Timing: one clock per device, methods interleaved round-robin, medians with their spread.
+
+Interleaving spreads slow drifts (thermal throttling, a background process, the
+allocator warming up) over every method alike instead of charging them to
+whichever ran last; the start of each round rotates, so no method always
+follows the same neighbour.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+class Clock:
+    """Milliseconds of one call: CUDA events after a synchronize on GPU, ``perf_counter`` on CPU.
+
+    Kernels run asynchronously on GPU, so host time alone would measure the
+    launches, not the work.
+    """
+
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+
+    @property
+    def name(self) -> str:
+        return "torch.cuda.Event + synchronize" if self.cuda else "time.perf_counter"
+
+    def time_ms(self, fn: Callable[[], object]) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        begin = time.perf_counter()
+        fn()
+        return (time.perf_counter() - begin) * 1e3
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Where the repeats fell: extremes and quartiles (the median is reported beside it)."""
+
+    min: float
+    q25: float
+    q75: float
+    max: float
+
+    @classmethod
+    def of(cls, samples: list[float]) -> Spread:
+        if len(samples) == 1:
+            return cls(samples[0], samples[0], samples[0], samples[0])
+        q25, _, q75 = statistics.quantiles(samples, n=4, method="inclusive")
+        return cls(min(samples), q25, q75, max(samples))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def warm_up(calls: dict[str, Callable[[], object]], rounds: int) -> None:
+    """Untimed rounds: first-call costs (allocations, compilation, lazy init) stay out of the samples."""
+    for _ in range(rounds):
+        for call in calls.values():
+            call()
+
+
+def timed_rounds(calls: dict[str, Callable[[], object]], clock: Clock, repeats: int,
+                 progress: Callable[[str], None] | None = None, label: str = "") -> dict[str, list[float]]:
+    """Samples (ms) of every call, ``repeats`` rounds of one call each.
+
+    Round ``i`` starts at entry ``i mod n``. The garbage collector is paused
+    while timing, as ``timeit`` does, so a collection triggered by one method
+    is not billed to another.
+    """
+    names = list(calls)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for i in range(repeats):
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                samples[name].append(clock.time_ms(calls[name]))
+            if progress is not None:
+                progress(f"{label}: round {i + 1}/{repeats}")
+    finally:
+        if enabled:
+            gc.enable()
+    return samples
+

@@ -1,0 +1,60 @@
+"""A concise line per finished trial, and the time the sweep spent running trials."""
+
+from __future__ import annotations
+
+import time
+
+from ray.tune import Callback
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float) and value.is_integer() and abs(value) >= 1000:
+        return f"{int(value):,}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+class TrialLines(Callback):
+    """Prints ``[n] method knobs -> objectives (time)`` as trials end, and records when
+    trials ran, so the sweep's overhead (time with no trial running) can be measured."""
+
+    def __init__(self, objectives: list[str], verbose: bool = True):
+        self.objectives = objectives
+        self.verbose = verbose
+        self.spans: dict[str, list[float]] = {}
+        self.finished = 0
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.spans[trial.trial_id] = [time.time(), time.time()]
+
+    def _end(self, trial, failed: bool) -> None:
+        span = self.spans.setdefault(trial.trial_id, [time.time(), time.time()])
+        span[1] = time.time()
+        self.finished += 1
+        if not self.verbose:
+            return
+        result = trial.last_result or {}
+        config = trial.config or {}
+        who = config.get("baseline") or config.get("method", "?")
+        knobs = " ".join(f"{k}={_fmt(v)}" for k, v in sorted((config.get("knobs") or {}).items()))
+        if failed or result.get("status") != "completed":
+            outcome = f"FAILED: {result.get('failure') or 'the worker raised (see Ray logs)'}"
+        else:
+            outcome = "  ".join(f"{m}={_fmt(result.get(m))}" for m in self.objectives)
+        print(f"[{self.finished}] {who} {knobs} -> {outcome} ({span[1] - span[0]:.1f}s)", flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._end(trial, failed=False)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._end(trial, failed=True)
+
+    def busy_seconds(self) -> float:
+        """Length of the union of the trials' run spans (time with at least one trial running)."""
+        total, end = 0.0, float("-inf")
+        for start, stop in sorted(self.spans.values()):
+            if stop > end:
+                total += stop - max(start, end)
+                end = stop
+        return total

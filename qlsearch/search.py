@@ -1,0 +1,308 @@
+"""A sweep: Ray Tune runs the trials, Optuna samples them and keeps the multi-objective study.
+
+* The Optuna study lives in an RDB storage (a SQLite file under ``runs/<study>/``
+  by default, any SQLAlchemy URL such as PostgreSQL to share it between
+  machines); it is the source of truth. Every Optuna write happens in the
+  driver (``StudySearch``), which keeps SQLite safe.
+* Baselines are enqueued into the same study (``enqueue_trial`` with the
+  baseline in ``user_attrs``), so fronts compare like with like.
+* One Optuna trial = one configuration run on every seed of the study; its
+  objectives are the means over seeds. A trial that diverges, runs out of
+  memory or raises is told to Optuna as FAIL with its reason in
+  ``user_attrs["failure"]``; the sweep goes on.
+* Resume: finished trials (COMPLETE/FAIL) are never run again; trials left
+  RUNNING by a killed driver are marked FAIL ("interrupted") and their
+  configuration is enqueued again; the sweep runs what is left of ``num_trials``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+
+import optuna
+from ray.tune.search.optuna import OptunaSearch
+
+from qlsearch.study import MethodSpace, Param, Study
+from qlsearch.trial import TrialConfig, run_trial, write_record
+
+INTERRUPTED = "interrupted: the sweep's driver stopped before this trial finished"
+
+
+# ---- sampling ----------------------------------------------------------------------
+
+
+def _suggest(trial, name: str, param: Param, bound: int | None):
+    """One knob; a constrained knob (``top_k``) only takes values ``<= bound``.
+
+    Constrained categorical knobs get one Optuna parameter per bound value
+    (``queryable.top_k|num_atoms=4``): a categorical distribution cannot change
+    its choices between trials, and invalid combinations must never be sampled.
+    """
+    if param.choices is not None:
+        choices = [c for c in param.choices if bound is None or c <= bound]
+        if bound is not None and len(choices) != len(param.choices):
+            name = f"{name}|<={bound}"
+        return trial.suggest_categorical(name, choices)
+    high = param.high if bound is None else min(param.high, bound)
+    if param.is_int:
+        return trial.suggest_int(name, int(param.low), int(high), log=param.log, step=int(param.step or 1))
+    return trial.suggest_float(name, param.low, high, log=param.log, step=param.step)
+
+
+def sample_knobs(trial, space: MethodSpace) -> dict:
+    knobs = dict(space.fixed)
+    for param in space.params:  # bounds come before the knobs they bound
+        bound_name = space.bound_of(param)
+        knobs[param.name] = _suggest(trial, f"{space.method}.{param.name}", param,
+                                     knobs.get(bound_name) if bound_name else None)
+    return knobs
+
+
+class StudySpace:
+    """Optuna's define-by-run space: a baseline's fixed settings, or a sampled method and knobs.
+
+    A class, not a closure: Tune pickles the searcher (and so the space) into its
+    experiment checkpoints.
+    """
+
+    def __init__(self, study: Study):
+        self.spaces = {s.method: s for s in study.spaces}
+
+    def __call__(self, trial) -> dict:
+        attrs = trial.user_attrs
+        if attrs.get("baseline") or "retry_of" in attrs:  # fixed: a baseline, or an interrupted trial
+            return {"method": attrs["method"], "knobs": attrs["knobs"], "baseline": attrs.get("baseline")}
+        methods = list(self.spaces)
+        method = methods[0] if len(methods) == 1 else trial.suggest_categorical("method", methods)
+        return {"method": method, "knobs": sample_knobs(trial, self.spaces[method]), "baseline": None}
+
+
+# ---- one Tune trial: every seed of one configuration --------------------------------
+
+
+def aggregate(records: list[dict], objectives: list[str]) -> dict:
+    """Means (and standard deviations) over seeds of every numeric metric and profile field."""
+    from qlsearch.metrics import metric_value
+
+    result: dict = {}
+    for name in objectives:
+        values = [metric_value(r, name) for r in records]
+        if any(v is None or not math.isfinite(v) for v in values):
+            result[name] = float("nan")
+            continue
+        result[name] = statistics.fmean(values)
+        result[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return result
+
+
+def run_configuration(config: dict, study: Study, record_dir: str, report=None) -> dict:
+    """Run ``config`` on every seed; returns the result Tune reports (objectives = means).
+
+    With ``report`` (the ASHA scheduler), every evaluation also reports the primary
+    objective so far, the other objectives as NaN, so the scheduler can stop it early.
+    """
+    import torch
+
+    torch.set_num_threads(max(1, int(study.resources.cpus_per_trial)))
+    objectives = [m.name for m in study.objectives]
+    progress = None
+    if report is not None:
+        primary = study.objectives[0].name
+        best = [math.inf]
+
+        def progress(epoch: int, train_loss: float, test_loss: float) -> None:
+            best[0] = min(best[0], test_loss)
+            value = best[0] if primary.startswith("best_") else test_loss
+            report({**dict.fromkeys(objectives, float("nan")), primary: value, "status": "running"})
+
+    records, failure = [], None
+    started = time.time()
+    for seed in study.seeds:
+        trial = TrialConfig(method=config["method"], knobs=dict(config["knobs"]), task=study.task,
+                            train=study.train, seed=seed, profile=study.profile,
+                            cache_dir=study.cache_dir)
+        record = run_trial(trial, progress=progress)
+        record["baseline"] = config.get("baseline")
+        records.append(record)
+        write_record(record, Path(record_dir) / f"seed{seed}.json")
+        if record["status"] != "completed":
+            failure = f"seed {seed}: {record['failure']}"
+            break  # the configuration failed: the other seeds would not rescue its objectives
+    result = {"status": "failed" if failure else "completed", "failure": failure,
+              "record_dir": record_dir, "trial_seconds": time.time() - started,
+              **aggregate(records, objectives)}
+    if failure:
+        result.update(dict.fromkeys(objectives, float("nan")))
+    return result
+
+
+def _trainable(config: dict, study: Study, run_dir: str):
+    from ray import tune
+
+    record_dir = Path(run_dir) / "trials" / tune.get_context().get_trial_id()
+    report = tune.report if study.scheduler == "asha" else None
+    tune.report(run_configuration(config, study, str(record_dir), report))
+
+
+# ---- the searcher: all Optuna writes, in the driver ----------------------------------
+
+
+class StudySearch(OptunaSearch):
+    """``OptunaSearch`` that records each trial's configuration and outcome as user attrs,
+    and never leaves an Optuna trial RUNNING: anything but a completed trial with finite
+    objectives is told as FAIL, with its reason.
+
+    It relies on ``OptunaSearch``'s ``_ot_trials``/``_ot_study``/``_completed_trials``;
+    tests/test_search.py checks this against the installed Ray.
+    """
+
+    @classmethod
+    def for_study(cls, study: Study, storage, seed: int) -> StudySearch:
+        return cls(space=StudySpace(study), metric=[m.name for m in study.objectives],
+                   mode=["max" if m.higher_is_better else "min" for m in study.objectives],
+                   storage=storage, study_name=study.name, seed=seed)
+
+    def suggest(self, trial_id):
+        config = super().suggest(trial_id)
+        if isinstance(config, dict):  # record the configuration now: a killed sweep can re-run it
+            for key in ("method", "knobs", "baseline"):
+                self._ot_trials[trial_id].set_user_attr(key, config.get(key))
+        return config
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        ot_trial = self._ot_trials[trial_id]
+        result = result or {}
+        values = [result.get(m) for m in self.metric]
+        finished = result.get("status") == "completed"
+        ok = finished and all(isinstance(v, int | float) and math.isfinite(v) for v in values)
+        attrs = {"status": result.get("status", "error"), "tune_trial_id": trial_id,
+                 "record_dir": result.get("record_dir"), "trial_seconds": result.get("trial_seconds")}
+        attrs.update({k: v for k, v in result.items() if k.endswith("_std")})
+        if not ok:
+            attrs["failure"] = result.get("failure") or (
+                "stopped early by the scheduler" if result and not finished and not error
+                else "the trial's worker raised; see the Ray Tune logs")
+        for key, value in attrs.items():
+            ot_trial.set_user_attr(key, value)
+        if ok:
+            self._ot_study.tell(ot_trial, values)
+        else:  # failed, diverged or stopped early: never a point of the front
+            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
+        self._completed_trials.add(trial_id)
+
+
+# ---- preparing the study: resume, baselines ----------------------------------------
+
+
+def open_study(study: Study, root: str | Path = "runs"):
+    """The Optuna study (created on first use) and its storage."""
+    study.run_dir(root).mkdir(parents=True, exist_ok=True)
+    storage = optuna.storages.RDBStorage(study.storage_url(root))
+    ot_study = optuna.create_study(storage=storage, study_name=study.name, load_if_exists=True,
+                                   directions=study.directions)
+    if [d.name.lower() for d in ot_study.directions] != study.directions:
+        raise ValueError(f"objectives: the stored study {study.name!r} has directions "
+                         f"{[d.name.lower() for d in ot_study.directions]}; this file asks for "
+                         f"{study.directions} — use another study name")
+    return ot_study, storage
+
+
+def prepare(ot_study, study: Study) -> int:
+    """Mark interrupted trials, enqueue what must (re)run; return how many Tune trials to start."""
+    State = optuna.trial.TrialState
+    trials = ot_study.get_trials(deepcopy=False)
+    for t in trials:
+        if t.state == State.RUNNING:  # its driver died: record it, then run its configuration again
+            ot_study._storage.set_trial_user_attr(t._trial_id, "failure", INTERRUPTED)
+            ot_study._storage.set_trial_state_values(t._trial_id, State.FAIL)
+            if t.user_attrs.get("method"):
+                attrs = {k: t.user_attrs.get(k) for k in ("method", "knobs", "baseline")}
+                if not attrs["baseline"]:
+                    attrs["retry_of"] = t.number
+                ot_study.enqueue_trial({}, user_attrs=attrs)
+    trials = ot_study.get_trials(deepcopy=False)
+    present = {t.user_attrs.get("baseline") for t in trials if t.user_attrs.get("baseline")}
+    for b in study.baselines:
+        if b.label not in present:
+            ot_study.enqueue_trial({}, user_attrs={"baseline": b.label, "method": b.method, "knobs": b.knobs})
+    trials = ot_study.get_trials(deepcopy=False)
+    waiting = sum(t.state == State.WAITING for t in trials)
+    searched_done = sum(
+        t.state in (State.COMPLETE, State.FAIL) and not t.user_attrs.get("baseline")
+        and t.user_attrs.get("failure") != INTERRUPTED for t in trials
+    )
+    searched_waiting = sum(t.state == State.WAITING and not t.user_attrs.get("baseline") for t in trials)
+    remaining_searched = max(0, study.num_trials - searched_done - searched_waiting) if study.spaces else 0
+    return waiting + remaining_searched
+
+
+# ---- the sweep ---------------------------------------------------------------------
+
+
+def _resources(study: Study) -> dict:
+    """Per-trial resources that this cluster can give: asking for a GPU where there is
+    none would leave the trial PENDING forever."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    resources = {"cpu": study.resources.cpus_per_trial}
+    if gpus and study.resources.gpus_per_trial:
+        resources["gpu"] = min(study.resources.gpus_per_trial, gpus)
+    return resources
+
+
+def run_sweep(study: Study, root: str | Path = "runs", address: str | None = None,
+              num_cpus: int | None = None, verbose: bool = True) -> dict:
+    """Run (or resume) ``study``; returns a summary with the sweep's timing."""
+    import ray
+    from ray import tune
+
+    from qlsearch.progress import TrialLines
+
+    started = time.time()
+    ot_study, storage = open_study(study, root)
+    to_run = prepare(ot_study, study)
+    summary = {"study": study.name, "storage": study.storage_url(root), "started": to_run}
+    if to_run == 0:
+        summary.update(wall_seconds=time.time() - started, trial_seconds=0.0)
+        return summary
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local clusters: no token auth
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    run_dir = study.run_dir(root).resolve()
+    search = StudySearch.for_study(study, storage, seed=len(ot_study.trials))
+    scheduler = None
+    if study.scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        primary = study.objectives[0]
+        scheduler = ASHAScheduler(metric=primary.name, mode="max" if primary.higher_is_better else "min")
+    lines = TrialLines([m.name for m in study.objectives], verbose=verbose)
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(_trainable, study=study, run_dir=str(run_dir)),
+                            _resources(study)),
+        tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=to_run,
+                                    max_concurrent_trials=study.resources.max_concurrent),
+        run_config=tune.RunConfig(name="tune", storage_path=str(run_dir / "ray"), verbose=0,
+                                  callbacks=[lines],
+                                  failure_config=tune.FailureConfig(max_failures=study.max_retries)),
+    )
+    ray_ready = time.time()
+    tuner.fit()
+    wall = time.time() - started
+    busy = lines.busy_seconds()
+    summary.update(wall_seconds=wall, ray_start_seconds=ray_ready - started, trial_seconds=busy,
+                   overhead_seconds=wall - busy, overhead_fraction=(wall - busy) / wall if wall else 0.0)
+    runs = ot_study.user_attrs.get("sweeps", [])
+    ot_study.set_user_attr("sweeps", [*runs, {k: v for k, v in summary.items() if k != "storage"}])
+    return summary

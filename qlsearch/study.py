@@ -1,0 +1,289 @@
+"""Study files (``studies/*.toml``): parsed once, at the edge, into a few typed objects.
+
+What to run (task, training, seeds), the space (per-method knobs and fixed
+baselines), the objectives, resources and storage are separate objects; inner
+code never re-reads raw dictionaries. Every error names the field and the
+allowed values.
+
+A study file::
+
+    name = "quickstart"
+    seeds = [0]
+    num_trials = 8
+    objectives = ["best_test_mse", "forward_ms", "trainable_params"]
+
+    [task]          # as in a trial file
+    kind = "synthetic"
+    name = "dropwave"
+    backbone = "mlp"
+
+    [train]
+    epochs = 30
+
+    [space.queryable]
+    r = [4, 8]                              # a list: categorical
+    num_atoms = [4, 8]
+    top_k = [1, 2, 4]                       # constrained: top_k <= num_atoms
+    tau_lang = {low = 0.1, high = 10.0, log = true}   # a range
+    num_blocks = 4                          # a scalar: fixed
+
+    [[baselines]]
+    method = "lora"
+    knobs = {r = 8}
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qlsearch.adapters import get_method
+from qlsearch.metrics import Metric, get_metric
+from qlsearch.trial import TaskSpec, TrainSpec, _check_fields
+
+#: ``knob <= bound`` pairs: combinations that break them are never sampled (paper B.2: k <= M).
+CONSTRAINTS = {"top_k": ("num_atoms", "num_experts")}
+SCHEDULERS = ("none", "asha")
+#: Objectives known during training (ASHA can only stop trials on one of these).
+EARLY_STOPPABLE = ("best_test_mse", "final_test_mse", "best_test_loss", "final_test_loss")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched knob: categorical ``choices``, or an int/float range."""
+
+    name: str
+    choices: tuple | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+
+    @property
+    def is_int(self) -> bool:
+        return self.choices is None and all(isinstance(v, int) for v in (self.low, self.high))
+
+
+@dataclass(frozen=True)
+class MethodSpace:
+    method: str
+    params: tuple[Param, ...]
+    fixed: dict
+
+    def bound_of(self, param: Param) -> str | None:
+        """The knob that bounds ``param`` in this space (``num_atoms`` for ``top_k``), if any."""
+        names = {p.name for p in self.params} | set(self.fixed)
+        return next((b for b in CONSTRAINTS.get(param.name, ()) if b in names), None)
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A method at fixed settings, run on every seed and enqueued into the same study."""
+
+    method: str
+    knobs: dict
+    label: str
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0  # fractional GPUs share one device; ignored where Ray sees no GPU
+    max_concurrent: int = 1
+
+
+@dataclass
+class Study:
+    name: str
+    task: TaskSpec
+    train: TrainSpec
+    objectives: list[Metric]
+    spaces: list[MethodSpace]
+    baselines: list[Baseline] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    num_trials: int = 8
+    resources: Resources = field(default_factory=Resources)
+    scheduler: str = "none"
+    storage: str | None = None  # None: sqlite file under the run folder
+    max_retries: int = 0  # re-runs of a trial whose worker crashed (a trial's own failure is final)
+    profile: bool = True
+    description: str = ""
+    cache_dir: str = "runs/cache"
+    path: str | None = None
+
+    @property
+    def directions(self) -> list[str]:
+        return [m.direction for m in self.objectives]
+
+    def run_dir(self, root: str | Path = "runs") -> Path:
+        return Path(root) / self.name
+
+    def storage_url(self, root: str | Path = "runs") -> str:
+        return self.storage or f"sqlite:///{(self.run_dir(root) / 'study.db').resolve()}"
+
+
+_TOP_LEVEL = {"name", "description", "task", "train", "objectives", "space", "baselines", "seeds",
+              "num_trials", "resources", "scheduler", "storage", "max_retries", "profile", "cache_dir"}
+
+
+def _fail(where: str, message: str) -> ValueError:
+    return ValueError(f"{where}: {message}")
+
+
+def _param(method: str, name: str, value) -> Param | None:
+    where = f"space.{method}.{name}"
+    if isinstance(value, list):
+        if not value:
+            raise _fail(where, "an empty list; allowed: a non-empty list of values, a {low, high} range or a scalar")
+        return Param(name, choices=tuple(value))
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - {"low", "high", "log", "step"})
+        if unknown or not {"low", "high"} <= set(value):
+            raise _fail(where, f"got {value!r}; allowed keys: low, high (required), log, step")
+        low, high = value["low"], value["high"]
+        if not all(isinstance(v, int | float) and math.isfinite(v) for v in (low, high)) or low > high:
+            raise _fail(where, f"got low={low!r}, high={high!r}; allowed: finite numbers with low <= high")
+        if value.get("log") and low <= 0:
+            raise _fail(where, f"got low={low!r} with log = true; allowed: low > 0")
+        return Param(name, low=low, high=high, log=bool(value.get("log", False)), step=value.get("step"))
+    return None  # a scalar: fixed
+
+
+def _space(method: str, table) -> MethodSpace:
+    if not isinstance(table, dict):
+        raise _fail(f"space.{method}", f"got {table!r}; allowed: a table of knobs")
+    known = get_method(method).knobs
+    params, fixed = [], {}
+    for name, value in table.items():
+        if name not in known:
+            raise _fail(f"space.{method}.{name}", f"not a knob of {method}; allowed: {', '.join(sorted(known))}")
+        param = _param(method, name, value)
+        if param is None:
+            fixed[name] = value
+        else:
+            params.append(param)
+    # bounds first, so a constrained knob can be sampled within the sampled bound
+    params.sort(key=lambda p: p.name in CONSTRAINTS)
+    space = MethodSpace(method, tuple(params), fixed)
+    for p in params:
+        bound = space.bound_of(p)
+        if bound is None:
+            continue
+        lowest = min(_values(space, bound))
+        if (min(p.choices) if p.choices else p.low) > lowest:
+            raise _fail(f"space.{method}.{p.name}", f"no value fits {bound} = {lowest}; "
+                        f"allowed: at least one value <= every {bound}")
+    for name, value in fixed.items():
+        bound = next((b for b in CONSTRAINTS.get(name, ()) if b in fixed), None)
+        if bound and value > fixed[bound]:
+            raise _fail(f"space.{method}.{name}", f"got {value!r}; allowed: <= {bound} ({fixed[bound]})")
+    return space
+
+
+def _values(space: MethodSpace, name: str) -> list:
+    if name in space.fixed:
+        return [space.fixed[name]]
+    p = next(p for p in space.params if p.name == name)
+    return list(p.choices) if p.choices else [p.low, p.high]
+
+
+def _baseline(i: int, table) -> Baseline:
+    where = f"baselines[{i}]"
+    if not isinstance(table, dict) or "method" not in table:
+        raise _fail(where, f"got {table!r}; allowed: a table with method (required), knobs, label")
+    unknown = sorted(set(table) - {"method", "knobs", "label"})
+    if unknown:
+        raise _fail(f"{where}.{unknown[0]}", "unknown field; allowed: method, knobs, label")
+    method, knobs = table["method"], dict(table.get("knobs", {}))
+    allowed = get_method(method).knobs
+    for name in knobs:
+        if name not in allowed:
+            raise _fail(f"{where}.knobs.{name}", f"not a knob of {method}; allowed: {', '.join(sorted(allowed))}")
+    return Baseline(method, knobs, table.get("label") or method)
+
+
+def parse_study(data: dict, path: str | None = None) -> Study:
+    """A validated ``Study`` from a parsed study file."""
+    unknown = sorted(set(data) - _TOP_LEVEL)
+    if unknown:
+        raise _fail(f"study.{unknown[0]}", f"unknown field; allowed: {', '.join(sorted(_TOP_LEVEL))}")
+    name = data.get("name")
+    if not (isinstance(name, str) and name and all(c.isalnum() or c in "-_." for c in name)):
+        raise _fail("study.name", f"got {name!r}; allowed: a non-empty name of letters, digits, '-', '_', '.'")
+    _check_fields(TaskSpec, data.get("task", {}), "task")
+    _check_fields(TrainSpec, data.get("train", {}), "train")
+    objectives = data.get("objectives")
+    if not (isinstance(objectives, list) and objectives):
+        raise _fail("study.objectives", f"got {objectives!r}; allowed: a non-empty list of metric names")
+    metrics = []
+    for i, objective in enumerate(objectives):
+        try:
+            metrics.append(get_metric(objective))
+        except ValueError as err:
+            raise _fail(f"objectives[{i}]", str(err).removeprefix("objective: ")) from None
+    if len({m.name for m in metrics}) != len(metrics):
+        raise _fail("study.objectives", "a metric is listed twice")
+    space_table = data.get("space", {})
+    for method in space_table:
+        try:
+            get_method(method)
+        except ValueError as err:
+            raise _fail(f"space.{method}", str(err).removeprefix("method: ")) from None
+    spaces = [_space(method, table) for method, table in space_table.items()]
+    baselines = [_baseline(i, b) for i, b in enumerate(data.get("baselines", []))]
+    if not spaces and not baselines:
+        raise _fail("study.space", "empty: name at least one method under [space.<method>] or a [[baselines]] entry")
+    seeds = data.get("seeds", [0])
+    if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds)):
+        raise _fail("study.seeds", f"got {seeds!r}; allowed: a non-empty list of integers")
+    num_trials = data.get("num_trials", 8 if spaces else 0)
+    if not (isinstance(num_trials, int) and num_trials >= (1 if spaces else 0)):
+        raise _fail("study.num_trials", f"got {num_trials!r}; allowed: an integer >= 1")
+    resources_table = data.get("resources", {})
+    _check_fields(Resources, resources_table, "resources")
+    resources = Resources(**resources_table)
+    if not (resources.cpus_per_trial > 0 and resources.gpus_per_trial >= 0 and resources.max_concurrent >= 1):
+        raise _fail("resources", f"got {resources_table!r}; allowed: cpus_per_trial > 0, "
+                    "gpus_per_trial >= 0, max_concurrent >= 1")
+    scheduler = data.get("scheduler", "none")
+    if scheduler not in SCHEDULERS:
+        raise _fail("study.scheduler", f"got {scheduler!r}; allowed: {', '.join(SCHEDULERS)}")
+    if scheduler == "asha" and metrics[0].name not in EARLY_STOPPABLE:
+        raise _fail("study.scheduler", f"asha stops trials on the first objective, which must be "
+                    f"measured while training; allowed first objectives: {', '.join(EARLY_STOPPABLE)}")
+    return Study(
+        name=name,
+        description=data.get("description", ""),
+        task=TaskSpec(**data.get("task", {})),
+        train=TrainSpec(**data.get("train", {})),
+        objectives=metrics,
+        spaces=spaces,
+        baselines=baselines,
+        seeds=seeds,
+        num_trials=num_trials,
+        resources=resources,
+        scheduler=scheduler,
+        storage=data.get("storage"),
+        max_retries=int(data.get("max_retries", 0)),
+        profile=bool(data.get("profile", True)),
+        cache_dir=data.get("cache_dir", "runs/cache"),
+        path=path,
+    )
+
+
+def load_study(path: str | Path) -> Study:
+    """Parse and validate a study file; a bad file raises one ``ValueError`` naming the field."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"study file: {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"study file {path}: not valid TOML ({err})") from None
+    return parse_study(data, str(path))
+

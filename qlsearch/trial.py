@@ -1,0 +1,332 @@
+"""One trial: backbone → attach the adapter → train → evaluate → profile → one JSON record.
+
+A trial never crashes its caller: divergence, out-of-memory and any other
+error end it as ``failed`` with the reason in the record, so a sweep goes on.
+The record carries the config, seed, metrics, profile, library versions and
+git revision: nothing about a run lives only in a log.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import subprocess
+import time
+import traceback
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qlsearch.adapters import attach, get_method
+from qlsearch.train import History, TrialDiverged
+
+TASK_KINDS = ("synthetic", "text")
+SYNTHETIC_BACKBONES = ("transformer", "mlp")
+PACKAGES = ("qlsearch", "torch", "transformers", "peft", "optuna", "ray", "datasets")
+
+
+def _check_fields(cls, data: dict, where: str) -> None:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{where}.{unknown[0]}: unknown field; allowed: {', '.join(sorted(known))}")
+
+
+@dataclass
+class TaskSpec:
+    """What to learn: a synthetic function on a pre-trained regressor, or a text task on an HF LM."""
+
+    kind: str = "synthetic"
+    name: str = "dropwave"  # a synthetic function or a text task
+    backbone: str = "transformer"  # "transformer" | "mlp" (synthetic), an HF id or folder (text)
+    data_files: dict | None = None  # text: local files in the dataset's schema, per split
+    limit_train: int | None = None
+    limit_test: int | None = None
+    max_length: int = 512
+    max_new_tokens: int = 64
+    instruction: str | None = None  # text: overrides the task's default instruction
+
+    def __post_init__(self) -> None:
+        if self.kind not in TASK_KINDS:
+            raise ValueError(f"task.kind: got {self.kind!r}; allowed: {', '.join(TASK_KINDS)}")
+        if self.kind == "synthetic":
+            from qlsearch.tasks.synthetic import FUNCTIONS
+
+            if self.name not in FUNCTIONS:
+                raise ValueError(f"task.name: got {self.name!r}; allowed: {', '.join(FUNCTIONS)}")
+            if self.backbone not in SYNTHETIC_BACKBONES:
+                raise ValueError(f"task.backbone: got {self.backbone!r}; allowed: "
+                                 f"{', '.join(SYNTHETIC_BACKBONES)}")
+        else:
+            from qlsearch.tasks.text import get_text_task
+
+            try:
+                get_text_task(self.name)
+            except ValueError as err:
+                raise ValueError(f"task.name: {str(err).removeprefix('task: ')}") from None
+
+
+@dataclass
+class TrainSpec:
+    """Post-training settings; defaults are the paper's synthetic protocol, fewer epochs."""
+
+    epochs: int = 50  # the paper: 5,000 (synthetic), 25 (text)
+    lr: float = 5e-4  # the paper: 5e-4 (synthetic), 2e-4 (text)
+    batch_size: int = 64
+    eval_every: int = 1
+    weight_decay: float = 0.0
+    pretrain_epochs: int = 300  # synthetic backbones (the paper: 300 at lr 3e-3)
+    pretrain_lr: float = 3e-3
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_every", "pretrain_epochs"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"train.{name}: got {value!r}; allowed: an integer >= 1")
+        for name in ("lr", "pretrain_lr"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"train.{name}: got {value!r}; allowed: a number > 0")
+
+
+@dataclass
+class TrialConfig:
+    """One trial, as a trial file (TOML) or a sweep's sampled point gives it."""
+
+    method: str = "queryable"
+    knobs: dict = field(default_factory=dict)
+    task: TaskSpec = field(default_factory=TaskSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    seed: int = 0
+    profile: bool = True
+    device: str = "auto"  # "auto": CUDA when present
+    cache_dir: str = "runs/cache"
+
+    def __post_init__(self) -> None:
+        method = get_method(self.method)  # raises naming the allowed methods
+        unknown = sorted(set(self.knobs) - set(method.knobs) - {"seed"})
+        if unknown:
+            raise ValueError(f"knobs.{unknown[0]}: not a knob of {self.method}; allowed: "
+                             f"{', '.join(sorted(method.knobs))}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrialConfig:
+        data = dict(data)
+        _check_fields(cls, data, "trial")
+        _check_fields(TaskSpec, data.get("task", {}), "task")
+        _check_fields(TrainSpec, data.get("train", {}), "train")
+        data["task"] = TaskSpec(**data.get("task", {}))
+        data["train"] = TrainSpec(**data.get("train", {}))
+        return cls(**data)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> TrialConfig:
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            import tomli as tomllib
+        with open(path, "rb") as fh:
+            return cls.from_dict(tomllib.load(fh))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---- the record --------------------------------------------------------------------
+
+
+def versions() -> dict[str, str | None]:
+    found = {"python": platform.python_version()}
+    for package in PACKAGES:
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def git_revision() -> str | None:
+    """The checkout's commit (``+dirty`` with uncommitted changes), or None outside git."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return rev + ("+dirty" if dirty else "")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def run_trial(config: TrialConfig, progress=None) -> dict:
+    """Run one trial and return its record; failures are recorded, never raised."""
+    started = time.time()
+    record = {
+        "status": "running",
+        "failure": None,
+        "config": config.to_dict(),
+        "seed": config.seed,
+        "metrics": {},
+        "history": {},
+        "profile": {},
+        "versions": versions(),
+        "git": git_revision(),
+        "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
+    }
+    try:
+        torch.manual_seed(config.seed)
+        run = _run_synthetic if config.task.kind == "synthetic" else _run_text
+        metrics, history, profile = run(config, _device(config.device), progress)
+        record.update(status="completed", metrics=metrics, history=asdict(history), profile=profile)
+    except TrialDiverged as err:
+        record.update(status="failed", failure=f"diverged: {err}")
+    except torch.OutOfMemoryError as err:
+        record.update(status="failed", failure=f"out of memory: {str(err).splitlines()[0]}")
+    except Exception as err:  # noqa: BLE001  (a trial's error is data for the sweep)
+        record.update(status="failed", failure=f"{type(err).__name__}: {err}",
+                      traceback=traceback.format_exc(limit=8))
+    record["duration_s"] = time.time() - started
+    return record
+
+
+def write_record(record: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, default=float) + "\n")
+    return path
+
+
+# ---- the two experiment families --------------------------------------------------
+
+
+def _attach(model: nn.Module, config: TrialConfig, **defaults) -> nn.Module:
+    """The trial's method on ``model``; ``defaults`` fill knobs the trial leaves unset."""
+    knobs = {**defaults, **config.knobs}
+    if "seed" in get_method(config.method).knobs:
+        knobs.setdefault("seed", config.seed)  # the adapter's initialisation follows the trial seed
+    return attach(model, config.method, **knobs)
+
+
+def _run_synthetic(config: TrialConfig, device: torch.device, progress):
+    from qlsearch.backbones import SYNTHETIC_TARGETS, pretrained_backbone
+    from qlsearch.profiling._trained import profile_trained
+    from qlsearch.tasks.synthetic import make_splits
+    from qlsearch.train import regression_fit
+
+    task, train = config.task, config.train
+    splits = make_splits(task.name, config.seed)
+    backbone = pretrained_backbone(task.name, task.backbone, config.seed, config.cache_dir,
+                                   epochs=train.pretrain_epochs, lr=train.pretrain_lr, device=device)
+    # every linear of the layers, named (PEFT's "all-linear" only knows HF models)
+    model = _attach(backbone, config, target_modules=SYNTHETIC_TARGETS[task.backbone]).to(device)
+    on = [tuple(t.to(device) for t in pair) for pair in (splits.target_train, splits.target_test)]
+    history = regression_fit(model, on[0], on[1], epochs=train.epochs, lr=train.lr,
+                             batch_size=train.batch_size, seed=config.seed,
+                             eval_every=train.eval_every, weight_decay=train.weight_decay,
+                             progress=progress)
+    metrics = {**_prefixed(history.summary(), "mse"), **_optimisation(history)}
+    model.eval()
+    x_test = on[1][0]
+    with torch.no_grad():
+        model(x_test)
+    metrics.update(_routing_summary(model))
+    profile = profile_trained(model, (x_test[: train.batch_size],), {}) if config.profile else {}
+    return metrics, history, profile
+
+
+def _run_text(config: TrialConfig, device: torch.device, progress):
+    from transformers import AutoTokenizer
+
+    from qlsearch.adapters.queryable import QueryableModel
+    from qlsearch.backbones import load_hf_model
+    from qlsearch.profiling._trained import profile_trained
+    from qlsearch.tasks.text import (
+        encode_for_training,
+        evaluate_generation,
+        evaluate_multiple_choice,
+        get_text_task,
+        load_task,
+    )
+    from qlsearch.train import fit
+
+    task, train = config.task, config.train
+    kind = get_text_task(task.name).kind
+    tokenizer = AutoTokenizer.from_pretrained(task.backbone)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = _attach(load_hf_model(task.backbone, seed=config.seed, device=device), config)
+    examples = {split: load_task(task.name, split, limit=limit, data_files=task.data_files, seed=config.seed)
+                for split, limit in (("train", task.limit_train), ("test", task.limit_test))}
+    if task.instruction is not None:
+        for split in examples.values():
+            for example in split:
+                example.instruction = task.instruction
+    encoded = {split: encode_for_training(tokenizer, rows, task.max_length) for split, rows in examples.items()}
+    routed = isinstance(model, QueryableModel)  # takes the route mask and the instruction
+
+    def batch_loss(m: nn.Module, data: dict, index) -> torch.Tensor:
+        kwargs = {k: data[k][index].to(device) for k in ("input_ids", "attention_mask", "labels")}
+        if routed:
+            kwargs["route_mask"] = data["route_mask"][index].to(device)
+            kwargs["instruction"] = [data["instruction"][i] for i in index.tolist()]
+        return m(**kwargs).loss
+
+    def evaluate(m: nn.Module) -> tuple[float, float]:
+        return tuple(  # type: ignore[return-value]
+            float(torch.stack([batch_loss(m, encoded[s], i) for i in
+                               torch.arange(len(encoded[s]["input_ids"])).split(train.batch_size)]).mean())
+            for s in ("train", "test"))
+
+    history = fit(model, lambda m, i: batch_loss(m, encoded["train"], i), len(encoded["train"]["input_ids"]),
+                  evaluate, epochs=train.epochs, lr=train.lr, batch_size=train.batch_size, seed=config.seed,
+                  eval_every=train.eval_every, weight_decay=train.weight_decay, progress=progress)
+    model.eval()
+    score = evaluate_multiple_choice if kind == "multiple_choice" else evaluate_generation
+    extra = {} if kind == "multiple_choice" else {"max_new_tokens": task.max_new_tokens}
+    metrics = {**_prefixed(history.summary(), "loss"), **_optimisation(history)}
+    for split in ("train", "test"):
+        scores = score(model, tokenizer, examples[split], batch_size=train.batch_size, **extra)
+        metrics.update({f"{split}_{k}": v for k, v in scores.items()})
+    metrics.update(_routing_summary(model))
+    sample = {k: encoded["test"][k][: train.batch_size].to(device) for k in ("input_ids", "attention_mask")}
+    profile = profile_trained(model, (), sample) if config.profile else {}
+    return metrics, history, profile
+
+
+def _prefixed(summary: dict[str, float], unit: str) -> dict[str, float]:
+    """``best_test_loss`` → ``best_test_mse`` for regression (the paper's Tables 1/2/9/10)."""
+    return {k.replace("loss", unit): v for k, v in summary.items()}
+
+
+def _optimisation(history: History) -> dict:
+    """Fig. 3/4: the last epoch's per-layer adapter gradient norms and concentration index."""
+    if not history.layer_grad_norms or not history.layer_grad_norms[-1]:
+        return {}
+    return {"layer_grad_norms": history.layer_grad_norms[-1],
+            "gradient_concentration": history.concentration[-1]}
+
+
+def _routing_summary(model: nn.Module) -> dict:
+    """Per block: mean routing weight of each atom over the last forward, and its entropy."""
+    trace = getattr(model, "routing_trace", None)
+    if not callable(trace):
+        return {}
+    usage, entropy = [], []
+    for block in trace():
+        if not isinstance(block, dict) or "alpha" not in block:
+            return {}
+        mean = block["alpha"].float().mean(0)
+        usage.append(mean.tolist())
+        entropy.append(float(-(mean * mean.clamp_min(1e-12).log()).sum()))
+    return {"atom_usage": usage, "atom_usage_entropy": entropy} if usage else {}

@@ -1,0 +1,174 @@
+"""The profile benchmark: every field for every method, exact ratios to LoRA, parameter
+formulas, and clear CLI errors. Nothing timed is asserted: timings are only checked
+to exist and be positive."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, Qwen2Config
+
+from qlsearch.adapters.queryable import QueryableConfig, parameter_count
+from qlsearch.cli import main
+from qlsearch.profiling import (
+    FROZEN,
+    MethodProfile,
+    ProfileSettings,
+    machine_tag,
+    profile_methods,
+)
+from qlsearch.profiling._subjects import build_base, build_subjects
+from qlsearch.profiling._timing import Clock, timed_rounds, warm_up
+
+HIDDEN, INTER, KV, LAYERS = 32, 64, 16, 4  # KV = num_key_value_heads (2) x head_dim (8)
+METHODS = ("lora", "dora", "queryable", "instr-queryable")
+QUERYABLE = {"num_atoms": 8, "top_k": 2, "num_blocks": 2}
+# one thread: a test run beside other work must not oversubscribe the cores
+FAST = {"batch": 2, "seq": 4, "new_tokens": 3, "repeats": 2, "warmup": 1, "threads": 1, **QUERYABLE}
+# (d_in, d_out) of q, k, v, o, gate, up, down in one layer
+SHAPES = [(HIDDEN, HIDDEN), (HIDDEN, KV), (HIDDEN, KV), (HIDDEN, HIDDEN),
+          (HIDDEN, INTER), (HIDDEN, INTER), (INTER, HIDDEN)] * LAYERS
+
+
+def write_config(path, cls=Qwen2Config) -> str:
+    cls(vocab_size=96, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        bos_token_id=1, eos_token_id=2).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory) -> str:
+    return write_config(tmp_path_factory.mktemp("tiny-qwen2"))
+
+
+@pytest.fixture(scope="module")
+def result(qwen):
+    return profile_methods(ProfileSettings(qwen, methods=METHODS, **FAST))
+
+
+def test_every_method_has_every_field(result):
+    fields = {f.name for f in dataclasses.fields(MethodProfile)}
+    data = json.loads(json.dumps(result.as_dict()))
+    assert list(data["methods"]) == [FROZEN, *METHODS]
+    for name, row in data["methods"].items():
+        assert set(row) == fields, name
+    assert {"cpu", "torch", "torch_threads", "gpu"} <= set(data["machine"])
+    assert data["settings"]["methods"] == [FROZEN, *METHODS]
+    assert data["settings"]["timer"] == "time.perf_counter"
+
+
+def test_lora_ratios_are_exactly_one_and_all_ratios_positive(result):
+    lora = result.methods["lora"]
+    assert lora.forward_ratio == lora.decode_ratio == lora.train_ratio == 1.0
+    for name, m in result.methods.items():
+        assert m.forward_ms > 0 and m.forward_ratio > 0 and m.prefill_ms > 0, name
+        assert m.decode_tokens_per_s is None or m.decode_ratio > 0, name
+        spread = m.forward_ms_spread
+        assert spread["min"] <= spread["q25"] <= m.forward_ms <= spread["q75"] <= spread["max"]
+        if name != FROZEN:
+            assert m.train_step_ms > 0 and m.train_ratio > 0, name
+
+
+def test_overhead_is_measured_against_the_frozen_model(result):
+    frozen = result.methods[FROZEN]
+    assert frozen.overhead_ms == 0.0 and frozen.train_step_ms is None  # nothing to train
+    for m in result.methods.values():
+        assert m.overhead_ms == m.forward_ms - frozen.forward_ms
+
+
+def test_parameter_counts_follow_the_formulas(result):
+    base = result.methods[FROZEN].total_params
+    lora = sum(8 * (d_in + d_out) for d_in, d_out in SHAPES)
+    dora = lora + sum(d_out for _, d_out in SHAPES)  # one magnitude per output row
+    queryable = parameter_count(QueryableConfig(r=8, **QUERYABLE), SHAPES)
+    expected = {FROZEN: 0, "lora": lora, "dora": dora, "queryable": queryable,
+                "instr-queryable": queryable}
+    for name, m in result.methods.items():
+        assert m.trainable_params == expected[name], name
+        assert m.total_params == base + expected[name], name
+        assert m.adapter_bytes == 4 * expected[name]  # float32
+
+
+def test_peak_memory_is_null_on_cpu_not_invented(result):
+    assert all(m.peak_memory_bytes is None for m in result.methods.values())
+    assert result.settings["peak_memory"].startswith("null")
+
+
+def test_llama_counts_and_skipped_phases_are_null(tmp_path):
+    path = write_config(tmp_path, LlamaConfig)
+    out = profile_methods(ProfileSettings(path, methods=("lora",), skip=frozenset({"decode", "train"}),
+                                          r=4, **{**FAST, "repeats": 1}))
+    lora = out.methods["lora"]
+    assert lora.trainable_params == sum(4 * (d_in + d_out) for d_in, d_out in SHAPES)
+    assert lora.decode_tokens_per_s is lora.decode_ratio is lora.prefill_ms is None
+    assert lora.train_step_ms is lora.train_ratio is lora.train_step_ms_spread is None
+
+
+def test_adapted_copies_share_the_frozen_weights_and_leave_the_base_alone(qwen):
+    settings = ProfileSettings(qwen, methods=("lora", "queryable"), **FAST)
+    base = build_base(settings)
+    before = {n: p.data_ptr() for n, p in base.named_parameters()}
+    subjects = build_subjects(base, settings)
+    assert {n: p.data_ptr() for n, p in base.named_parameters()} == before
+    assert not any("lora" in n for n, _ in base.named_parameters())
+    shared = set(before.values())
+    for s in subjects[1:]:
+        frozen = {p.data_ptr() for p in s.model.parameters() if not p.requires_grad}
+        assert frozen == shared, s.name
+
+
+def test_round_robin_calls_each_method_once_per_round_rotating_the_start():
+    order: list[str] = []
+    calls = {name: (lambda name=name: order.append(name)) for name in "abc"}
+    warm_up(calls, rounds=1)
+    samples = timed_rounds(calls, Clock("cpu"), repeats=3)
+    assert order == list("abc" "abc" "bca" "cab")
+    assert all(len(x) == 3 for x in samples.values())
+
+
+def test_machine_tag_is_a_file_name():
+    tag = machine_tag({"cpu": "Intel(R) Xeon(R) CPU @ 2.20GHz", "torch_threads": 2, "gpu": None})
+    assert tag == "cpu-intel-xeon-cpu-2.20ghz-2t"
+    assert machine_tag({"gpu": {"name": "NVIDIA H100 80GB HBM3"}}) == "cuda-nvidia-h100-80gb-hbm3"
+
+
+def test_cli_prints_json_and_writes_json_and_markdown(qwen, tmp_path, capsys):
+    argv = ["profile", "--model", qwen, "--methods", "lora", "--batch", "1", "--seq", "2",
+            "--new-tokens", "2", "--repeats", "1", "--warmup", "0", "--num-blocks", "2",
+            "--skip", "train", "--threads", "1", "--json", "--out", str(tmp_path), "--tag", "here"]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert list(printed["methods"]) == [FROZEN, "lora"]
+    assert json.loads((tmp_path / "here.json").read_text())["methods"].keys() == printed["methods"].keys()
+    markdown = (tmp_path / "here.md").read_text()
+    assert "| lora |" in markdown and "| frozen |" in markdown
+
+
+@pytest.mark.parametrize(("args", "option", "allowed"), [
+    (["--methods", "lora,qeryable"], "--methods", "queryable"),
+    (["--dtype", "fp8"], "--dtype", "bfloat16"),
+    (["--skip", "forward"], "--skip", "decode, train"),
+    (["--repeats", "0"], "--repeats", "an integer >= 1"),
+    (["--num-blocks", "9"], "--num-blocks", "allowed"),
+    pytest.param(["--device", "cuda"], "--device", "cpu",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
+])
+def test_bad_cli_input_exits_2_naming_the_option(qwen, capsys, args, option, allowed):
+    with pytest.raises(SystemExit) as exc:
+        main(["profile", "--model", qwen, "--repeats", "1", "--warmup", "0", "--threads", "1", *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert option in err and allowed in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_compiled_models_do_not_recompile_while_timed(qwen):
+    """Under --compile the samples must time the compiled graphs, not the compiler."""
+    out = profile_methods(ProfileSettings(qwen, methods=("lora", "queryable"), compile=True,
+                                          skip=frozenset({"decode"}), **{**FAST, "warmup": 3}))
+    assert out.settings["compiles_while_timing"] == 0
+    assert out.settings["compiled_phases"] == ["forward", "train"]

@@ -1,0 +1,165 @@
+"""Sweeps for real: local Ray, Optuna in SQLite (and PostgreSQL where a server runs)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from qlsearch.search import INTERRUPTED, open_study, run_sweep
+from qlsearch.study import parse_study
+
+ray = pytest.importorskip("ray")
+
+TINY = {
+    "objectives": ["best_test_mse", "trainable_params"],
+    "task": {"kind": "synthetic", "name": "sin_cos", "backbone": "mlp"},
+    "train": {"epochs": 2, "pretrain_epochs": 1, "batch_size": 200},
+    "space": {"queryable": {"r": [2, 4], "num_atoms": [2, 4], "top_k": [1, 2, 4], "num_blocks": 2,
+                            "d_k": 8}},
+    "profile": True,
+    "resources": {"cpus_per_trial": 1, "max_concurrent": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def tiny(tmp_path, name: str, **changes):
+    return parse_study({**TINY, "name": name, "cache_dir": str(tmp_path / "cache"), **changes})
+
+
+def dominates(a: list[float], b: list[float]) -> bool:
+    return all(x <= y for x, y in zip(a, b, strict=True)) and any(x < y for x, y in zip(a, b, strict=True))
+
+
+def test_sweep_runs_end_to_end_and_front_is_non_dominated(tmp_path, ray_session):
+    study = tiny(tmp_path, "tiny", num_trials=3,
+                 baselines=[{"method": "lora", "knobs": {"r": 4}},
+                            {"method": "lora", "knobs": {"r": 4, "alpha": float("inf")}, "label": "lora-diverges"},
+                            {"method": "queryable", "knobs": {"num_blocks": 99}, "label": "queryable-broken"}])
+    summary = run_sweep(study, root=tmp_path / "runs", verbose=False)
+    assert summary["started"] == 6
+    ot = optuna.load_study(study_name="tiny", storage=study.storage_url(tmp_path / "runs"))
+    trials = ot.get_trials()
+    assert len(trials) == 6 and all(t.state.is_finished() for t in trials)
+    by_label = {t.user_attrs.get("baseline"): t for t in trials}
+    assert by_label["lora"].state == optuna.trial.TrialState.COMPLETE
+    # the failing configurations are recorded with their reasons; the sweep went on
+    assert by_label["lora-diverges"].state == optuna.trial.TrialState.FAIL
+    assert "diverged" in by_label["lora-diverges"].user_attrs["failure"]
+    assert "num_blocks" in by_label["queryable-broken"].user_attrs["failure"]
+    searched = [t for t in trials if not t.user_attrs.get("baseline")]
+    assert len(searched) == 3
+    for t in searched:  # k <= M was never violated
+        knobs = t.user_attrs["knobs"]
+        assert knobs["top_k"] <= knobs["num_atoms"]
+    front = ot.best_trials
+    assert front
+    for a in front:
+        assert not any(dominates(b.values, a.values) for b in front if b is not a)
+    records = list((tmp_path / "runs" / "tiny" / "trials").glob("*/seed0.json"))
+    assert len(records) == 6
+    assert 0 <= summary["overhead_fraction"] < 1 and summary["trial_seconds"] > 0
+
+
+def test_rerunning_a_finished_study_runs_nothing(tmp_path, ray_session):
+    study = tiny(tmp_path, "done", num_trials=1)
+    run_sweep(study, root=tmp_path / "runs", verbose=False)
+    again = run_sweep(study, root=tmp_path / "runs", verbose=False)
+    assert again["started"] == 0
+    ot, _ = open_study(study, tmp_path / "runs")
+    assert len(ot.trials) == 1
+
+
+STUDY_FILE = """
+name = "resume"
+objectives = ["best_test_mse", "trainable_params"]
+num_trials = 4
+cache_dir = "{cache}"
+[task]
+kind = "synthetic"
+name = "sin_cos"
+backbone = "mlp"
+[train]
+epochs = 30
+pretrain_epochs = 1
+batch_size = 200
+[space.queryable]
+r = [2, 4]
+num_atoms = [2, 4]
+top_k = [1, 2]
+num_blocks = 2
+d_k = 8
+[resources]
+max_concurrent = 1
+"""
+
+
+def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path, ray_session):
+    """SIGKILL the sweep's driver after a trial finished, resume, count trials in the storage."""
+    path = tmp_path / "resume.toml"
+    path.write_text(STUDY_FILE.format(cache=tmp_path / "cache"))
+    root = tmp_path / "runs"
+    script = (f"from qlsearch.search import run_sweep; from qlsearch.study import load_study; "
+              f"run_sweep(load_study({str(path)!r}), root={str(root)!r}, num_cpus=1, verbose=False)")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    from qlsearch.study import load_study
+
+    study = load_study(path)
+    storage = study.storage_url(root)
+    deadline = time.time() + 240
+    finished = []
+    try:
+        while time.time() < deadline:
+            time.sleep(1)
+            try:
+                trials = optuna.load_study(study_name="resume", storage=storage).get_trials()
+            except Exception:  # noqa: BLE001  (the study may not exist yet)
+                continue
+            finished = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+            if finished and any(t.state == optuna.trial.TrialState.RUNNING for t in trials):
+                break
+        assert finished, "no trial finished before the deadline"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+        proc.wait()
+    before = {t.number: t.values for t in finished}
+
+    run_sweep(study, root=root, verbose=False)
+    trials = optuna.load_study(study_name="resume", storage=storage).get_trials()
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    interrupted = [t for t in trials if t.user_attrs.get("failure") == INTERRUPTED]
+    assert len(complete) == 4  # every trial of the study finished once ...
+    assert {t.number: t.values for t in complete if t.number in before} == before  # ... none lost
+    retried = [t for t in complete if "retry_of" in t.user_attrs]
+    assert sorted(t.user_attrs["retry_of"] for t in retried) == sorted(t.number for t in interrupted)
+    assert all(t.state == optuna.trial.TrialState.FAIL for t in interrupted)
+
+
+def test_postgresql_storage(tmp_path, ray_session):
+    """A small sweep against a PostgreSQL server (``.ci/run`` starts one and sets the URL)."""
+    url = os.environ.get("QLSEARCH_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("no PostgreSQL server: set QLSEARCH_TEST_POSTGRES_URL (.ci/run starts one)")
+    pytest.importorskip("psycopg2", reason="the PostgreSQL driver psycopg2 is not installed")
+    name = f"pg{int(time.time())}"
+    study = tiny(tmp_path, name, num_trials=1, storage=url,
+                 baselines=[{"method": "lora", "knobs": {"r": 2}}])
+    run_sweep(study, root=tmp_path / "runs", verbose=False)
+    ot = optuna.load_study(study_name=name, storage=url)
+    assert len(ot.trials) == 2 and all(t.state.is_finished() for t in ot.trials)
+    assert Path(tmp_path / "runs" / name).exists()

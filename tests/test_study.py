@@ -1,0 +1,80 @@
+"""Study files: shipped ones parse; each kind of bad file gets its own clear message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qlsearch.study import load_study, parse_study
+
+STUDIES = sorted((Path(__file__).parents[1] / "studies").glob("*.toml"))
+GOOD = {
+    "name": "tiny",
+    "objectives": ["best_test_mse", "trainable_params"],
+    "task": {"kind": "synthetic", "name": "sin_cos", "backbone": "mlp"},
+    "space": {"queryable": {"r": [4, 8], "num_atoms": [2, 4], "top_k": [1, 2, 4]}},
+}
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.stem)
+def test_shipped_studies_parse(path):
+    study = load_study(path)
+    assert study.name == path.stem and study.objectives
+
+
+def test_a_good_study_parses_into_typed_objects():
+    study = parse_study(GOOD)
+    assert [m.name for m in study.objectives] == ["best_test_mse", "trainable_params"]
+    assert study.directions == ["minimize", "minimize"]
+    space = study.spaces[0]
+    assert [p.name for p in space.params] == ["r", "num_atoms", "top_k"]  # bounds before top_k
+    assert space.bound_of(space.params[2]) == "num_atoms"
+
+
+def bad(**changes):
+    data = {**GOOD, **changes}
+    return {k: v for k, v in data.items() if v is not None}
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (bad(space={"queryable-lora": {"r": [4]}}), r"space.queryable-lora: unknown adapter .*Did you mean 'queryable'"),
+        (bad(space={"queryable": {"num_atoms": 2, "top_k": 4}}), r"space.queryable.top_k: got 4; allowed: <= num_atoms \(2\)"),
+        (bad(space={"queryable": {"num_atoms": [2, 4], "top_k": [4, 8]}}), r"space.queryable.top_k: no value fits num_atoms = 2"),
+        (bad(space={"queryable": {"r": []}}), r"space.queryable.r: an empty list"),
+        (bad(space={"queryable": {"rank": [4]}}), r"space.queryable.rank: not a knob of queryable; allowed: .*num_atoms"),
+        (bad(space={"queryable": {"tau_lang": {"low": 0, "high": 1, "log": True}}}), r"log = true; allowed: low > 0"),
+        (bad(space={"queryable": {"tau_lang": {"low": 2, "high": 1}}}), r"low <= high"),
+        (bad(space={}), r"study.space: empty"),
+        (bad(objectives=["accuracy"]), r"objectives\[0\]: unknown metric 'accuracy'; allowed: .*test_accuracy"),
+        (bad(objectives=[]), r"study.objectives: got \[\]; allowed: a non-empty list"),
+        (bad(objectives=["forward_ms", "forward_ms"]), r"listed twice"),
+        (bad(task={"kind": "synthetic", "name": "sphere"}), r"task.name: got 'sphere'; allowed: ackley"),
+        (bad(task={"kind": "text", "name": "arc_chalenge"}), r"task.name: unknown text task 'arc_chalenge'.*Did you mean 'arc_challenge'"),
+        (bad(task={"kind": "synthetic", "function": "ackley"}), r"task.function: unknown field"),
+        (bad(name="my study"), r"study.name: got 'my study'"),
+        (bad(seeds=[]), r"study.seeds: got \[\]"),
+        (bad(num_trials=0), r"study.num_trials: got 0"),
+        (bad(scheduler="hyperband"), r"study.scheduler: got 'hyperband'; allowed: none, asha"),
+        (bad(scheduler="asha", objectives=["forward_ms"]), r"asha stops trials on the first objective"),
+        (bad(resources={"gpus_per_trial": -1}), r"resources: .*gpus_per_trial >= 0"),
+        (bad(resources={"gpu": 1}), r"resources.gpu: unknown field"),
+        (bad(baselines=[{"method": "lora", "knobs": {"num_atoms": 4}}]), r"baselines\[0\].knobs.num_atoms: not a knob of lora"),
+        (bad(baselines=[{"knobs": {}}]), r"baselines\[0\]: got .*method \(required\)"),
+        (bad(epochs=3), r"study.epochs: unknown field; allowed: .*train"),
+    ],
+)
+def test_bad_study_files_name_the_field(data, message):
+    with pytest.raises(ValueError, match=message):
+        parse_study(data)
+
+
+def test_unreadable_files(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_study(tmp_path / "missing.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("name = \n")
+    with pytest.raises(ValueError, match="not valid TOML"):
+        load_study(broken)

@@ -1,0 +1,78 @@
+"""One trial end to end: a record with config, metrics, profile, versions; failures are data."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from qlsearch.trial import TrialConfig, run_trial, write_record
+
+FAST = {"train": {"epochs": 3, "pretrain_epochs": 2, "batch_size": 100}}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One pre-trained backbone for the module: trials reuse the cached one."""
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def config(cache, **overrides) -> TrialConfig:
+    data = {"method": "queryable", "knobs": {"num_atoms": 4, "top_k": 2, "num_blocks": 2, "d_k": 8},
+            "task": {"kind": "synthetic", "name": "sin_cos", "backbone": "mlp"},
+            "cache_dir": cache, **FAST}
+    data.update(overrides)
+    return TrialConfig.from_dict(data)
+
+
+def test_synthetic_trial_writes_a_complete_record(cache, tmp_path):
+    record = run_trial(config(cache))
+    assert record["status"] == "completed", record.get("traceback")
+    m = record["metrics"]
+    for key in ("best_train_mse", "best_test_mse", "final_train_mse", "final_test_mse"):
+        assert math.isfinite(m[key]) and m[key] >= 0
+    assert m["best_test_mse"] <= m["final_test_mse"]
+    assert len(m["layer_grad_norms"]) == 32 and m["gradient_concentration"] >= 1.0
+    assert len(m["atom_usage"]) == 2 and len(m["atom_usage"][0]) == 4
+    p = record["profile"]
+    assert p["trainable_params"] > 0 and p["forward_ms"] > 0 and p["flops"] >= p["matmul_flops"] > 0
+    assert record["versions"]["torch"] and record["history"]["epochs"] == [1, 2, 3]
+    path = write_record(record, tmp_path / "trial.json")
+    assert path.read_text().startswith("{")
+
+
+def test_same_seed_same_metrics(cache):
+    a = run_trial(config(cache, profile=False))["metrics"]
+    b = run_trial(config(cache, profile=False))["metrics"]
+    assert a == b
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "moelora"])
+def test_baselines_run_as_trials(cache, method):
+    record = run_trial(config(cache, method=method, knobs={}, profile=False))
+    assert record["status"] == "completed", record.get("traceback")
+
+
+def test_divergence_ends_the_trial_as_failed(cache):
+    cfg = config(cache, train={**FAST["train"], "lr": 1e12}, profile=False)
+    record = run_trial(cfg)
+    assert record["status"] == "failed" and record["failure"].startswith("diverged: ")
+
+
+def test_any_error_is_recorded_not_raised(cache):
+    record = run_trial(config(cache, knobs={"num_blocks": 99}))  # more blocks than units
+    assert record["status"] == "failed" and "num_blocks" in record["failure"]
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [({"method": "nope"}, "method: unknown adapter 'nope'"),
+     ({"task": {"kind": "vision"}}, "task.kind: got 'vision'; allowed: synthetic, text"),
+     ({"task": {"name": "sphere"}}, "task.name: got 'sphere'; allowed: ackley"),
+     ({"train": {"epochs": 0}}, "train.epochs: got 0; allowed"),
+     ({"train": {"epoch": 3}}, "train.epoch: unknown field; allowed"),
+     ({"knobs": {"num_atom": 3}}, "knobs.num_atom: not a knob of queryable")],
+)
+def test_bad_trial_files_name_the_field(data, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        TrialConfig.from_dict(data)
