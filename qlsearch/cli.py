@@ -133,9 +133,125 @@ def _as_option(err: ValueError, args: argparse.Namespace) -> str:
     return f"--{match.group(1).replace('_', '-')}{message[match.end(1):]}"
 
 
+# ---- trial, sweep, status, params ------------------------------------------------------------
+
+def _add_trial(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("trial", help="run one trial without Ray (for debugging)",
+                              description="Train, evaluate and profile one configuration from a "
+                                          "trial file (TOML) and write its JSON record.")
+    p.add_argument("file", help="trial file: method, knobs, [task], [train], seed, ...")
+    p.add_argument("--out", help="record path (default: runs/trials/<file stem>.json)")
+    p.set_defaults(run=_run_trial, parser=p)
+
+
+def _run_trial(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from qlsearch.trial import TrialConfig, run_trial, write_record
+
+    try:
+        config = TrialConfig.from_toml(args.file)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{args.file}: {err}") from err
+
+    def progress(epoch: int, train_loss: float, test_loss: float) -> None:
+        print(f"epoch {epoch}: train {train_loss:.5g}  test {test_loss:.5g}", file=sys.stderr, flush=True)
+
+    record = run_trial(config, progress=progress)
+    path = write_record(record, args.out or Path("runs/trials") / f"{Path(args.file).stem}.json")
+    metrics = {k: v for k, v in record["metrics"].items() if isinstance(v, int | float)}
+    print(json.dumps({"status": record["status"], "failure": record["failure"], "metrics": metrics,
+                      "record": str(path)}, indent=2))
+    return 0 if record["status"] == "completed" else 1
+
+
+def _add_sweep(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("sweep", help="run a study: Ray Tune runs the trials, Optuna samples them",
+                              description="Run (or, with --resume, continue) the study in a study file.")
+    p.add_argument("study", help="study file, e.g. studies/quickstart.toml")
+    p.add_argument("--resume", action="store_true", help="continue a study that already has trials")
+    p.add_argument("--root", default="runs", help="run folder (SQLite storage, records, Ray results)")
+    p.add_argument("--address", help="join this Ray cluster (e.g. ray://head:10001 or auto)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
+    p.add_argument("--quiet", action="store_true", help="no line per finished trial")
+    p.set_defaults(run=_run_sweep, parser=p)
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from qlsearch.search import open_study, run_sweep
+    from qlsearch.status import format_status, study_status
+    from qlsearch.study import load_study
+
+    try:
+        study = load_study(args.study)
+        ot_study, _ = open_study(study, args.root)
+    except ValueError as err:
+        raise UsageError(f"{args.study}: {err}") from err
+    if ot_study.trials and not args.resume:
+        raise UsageError(f"{args.study}: study {study.name!r} already has {len(ot_study.trials)} trials "
+                         f"in {study.storage_url(args.root)}; pass --resume to continue it")
+    summary = run_sweep(study, root=args.root, address=args.address, num_cpus=args.num_cpus,
+                        verbose=not args.quiet)
+    print(format_status(study_status(ot_study)))
+    if summary["started"] == 0:
+        print("nothing left to run: every trial of this study has finished")
+    return 0
+
+
+def _add_status(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("status", help="a study's trials and current Pareto front",
+                              description="List a study's trials (state, configuration, objectives) "
+                                          "and its Pareto front (Optuna's best_trials).")
+    p.add_argument("study", help="study file, or a study name under --root")
+    p.add_argument("--root", default="runs", help="run folder the sweep used")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=_run_status, parser=p)
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    from qlsearch.status import format_status, open_existing, study_status
+
+    try:
+        status = study_status(open_existing(args.study, args.root))
+    except ValueError as err:
+        raise UsageError(str(err).removeprefix("STUDY: ")) from err
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
+def _add_params(subparsers: argparse._SubParsersAction) -> None:
+    from qlsearch.params import PAPER_TARGETS
+
+    p = subparsers.add_parser("params", help="trainable parameters per method (the paper's Table 6)",
+                              description="Count each method's parameters on a model built from its "
+                                          "config on the meta device: no weights, nothing downloaded.")
+    p.add_argument("--model", required=True, help="hub id (cached config) or a folder with config.json")
+    p.add_argument("--r", type=int, default=8, help="rank of every method")
+    p.add_argument("--methods", type=_methods, default=None, help="comma-separated (default: all)")
+    p.add_argument("--target-modules", type=_comma_list, default=",".join(PAPER_TARGETS),
+                   help="comma-separated linear names")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.set_defaults(run=_run_params, parser=p)
+
+
+def _run_params(args: argparse.Namespace) -> int:
+    from qlsearch.adapters import list_methods
+    from qlsearch.params import format_table, parameter_table
+
+    methods = args.methods or [m.name for m in list_methods()]
+    try:
+        rows = parameter_table(args.model, methods, r=args.r, target_modules=args.target_modules)
+    except ValueError as err:
+        raise UsageError(_as_option(err, args)) from err
+    print(json.dumps([row.as_dict() for row in rows], indent=2) if args.json else format_table(rows))
+    return 0
+
+
 # ---- the command ---------------------------------------------------------------------------
 
-_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_profile]
+_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_sweep, _add_status, _add_trial, _add_profile, _add_params,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

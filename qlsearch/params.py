@@ -26,6 +26,7 @@ class ParameterRow:
     total: int
     routing: str
     instruction: str
+    targets: str  # "requested", or "method default" where the method cannot adapt the requested ones
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -64,7 +65,10 @@ def parameter_table(model: str, methods: list[str], r: int = 8,
     for name in methods:
         method = get_method(name)
         own = {k: v for k, v in knobs.items() if k in method.knobs}
-        adapted = attach(copy.deepcopy(base), name, r=r, target_modules=targets, **own)
+        try:
+            adapted, used = attach(copy.deepcopy(base), name, r=r, target_modules=targets, **own), "requested"
+        except ValueError:  # e.g. HyRA's heads do not divide an MLP projection: its own targets
+            adapted, used = attach(copy.deepcopy(base), name, r=r, **own), "method default"
         params = list(adapted.parameters())
         rows.append(ParameterRow(
             method=name,
@@ -72,12 +76,14 @@ def parameter_table(model: str, methods: list[str], r: int = 8,
             total=sum(p.numel() for p in params),
             routing=method.routing,
             instruction="Yes" if method.instruction else "No",
+            targets=used,
         ))
     return rows
 
 
 def format_table(rows: list[ParameterRow]) -> str:
-    lines = [f"{'Method':<18}{'Trainable params':>18}{'Total params':>16}  {'Routing?':<14}Instruction?"]
-    lines += [f"{row.method:<18}{row.trainable:>18,}{row.total:>16,}  {row.routing:<14}{row.instruction}"
-              for row in rows]
+    lines = [f"{'Method':<18}{'Trainable params':>18}{'Total params':>16}  {'Routing?':<14}"
+             f"{'Instruction?':<14}Targets"]
+    lines += [f"{row.method:<18}{row.trainable:>18,}{row.total:>16,}  {row.routing:<14}{row.instruction:<14}"
+              f"{row.targets}" for row in rows]
     return "\n".join(lines)

@@ -206,10 +206,14 @@ def open_study(study: Study, root: str | Path = "runs"):
     storage = optuna.storages.RDBStorage(study.storage_url(root))
     ot_study = optuna.create_study(storage=storage, study_name=study.name, load_if_exists=True,
                                    directions=study.directions)
-    if [d.name.lower() for d in ot_study.directions] != study.directions:
-        raise ValueError(f"objectives: the stored study {study.name!r} has directions "
-                         f"{[d.name.lower() for d in ot_study.directions]}; this file asks for "
-                         f"{study.directions} — use another study name")
+    objectives = [m.name for m in study.objectives]
+    stored = ot_study.user_attrs.get("objectives")
+    if stored is None:
+        ot_study.set_user_attr("objectives", objectives)
+        ot_study.set_user_attr("study_file", study.path)
+    elif stored != objectives:
+        raise ValueError(f"objectives: the stored study {study.name!r} optimises {stored}; this file "
+                         f"asks for {objectives}: give the study another name")
     return ot_study, storage
 
 

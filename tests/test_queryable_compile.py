@@ -42,3 +42,15 @@ def test_compiled_training_step_gives_eager_gradients():
     torch.compile(model, backend="aot_eager", fullgraph=True)(x, instruction=e, labels=x).loss.backward()
     for name, grad in eager.items():
         torch.testing.assert_close(model.get_parameter(name).grad, grad, atol=1e-6, rtol=1e-4)
+
+
+def test_repeated_compiled_calls_do_not_recompile():
+    """Nothing in the per-forward routing state is a Python int dynamo would specialise on."""
+    model = adapted("qwen2", tau_lang=1.0, lambda_ctx=1.0)
+    dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        compiled(tokens(seed=1), instruction=torch.randn(3, 384))
+        with dynamo.config.patch(error_on_recompile=True):
+            for seed in (2, 3):
+                compiled(tokens(seed=seed), instruction=torch.randn(3, 384))

@@ -9,9 +9,12 @@ import sys
 import time
 from pathlib import Path
 
+import json
+
 import optuna
 import pytest
 
+from qlsearch.cli import main
 from qlsearch.search import INTERRUPTED, open_study, run_sweep
 from qlsearch.study import parse_study
 
@@ -44,7 +47,7 @@ def dominates(a: list[float], b: list[float]) -> bool:
     return all(x <= y for x, y in zip(a, b, strict=True)) and any(x < y for x, y in zip(a, b, strict=True))
 
 
-def test_sweep_runs_end_to_end_and_front_is_non_dominated(tmp_path, ray_session):
+def test_sweep_runs_end_to_end_and_front_is_non_dominated(tmp_path, ray_session, capsys):
     study = tiny(tmp_path, "tiny", num_trials=3,
                  baselines=[{"method": "lora", "knobs": {"r": 4}},
                             {"method": "lora", "knobs": {"r": 4, "alpha": float("inf")}, "label": "lora-diverges"},
@@ -72,6 +75,12 @@ def test_sweep_runs_end_to_end_and_front_is_non_dominated(tmp_path, ray_session)
     records = list((tmp_path / "runs" / "tiny" / "trials").glob("*/seed0.json"))
     assert len(records) == 6
     assert 0 <= summary["overhead_fraction"] < 1 and summary["trial_seconds"] > 0
+    # `qlsearch status` shows the same trials and front
+    assert main(["status", "tiny", "--root", str(tmp_path / "runs"), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["front"] == [t.number for t in front]
+    assert status["counts"] == {"COMPLETE": 4, "FAIL": 2}
+    assert status["sweeps"][0]["overhead_fraction"] == summary["overhead_fraction"]
 
 
 def test_rerunning_a_finished_study_runs_nothing(tmp_path, ray_session):
@@ -112,11 +121,10 @@ def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path, ray_s
     path = tmp_path / "resume.toml"
     path.write_text(STUDY_FILE.format(cache=tmp_path / "cache"))
     root = tmp_path / "runs"
-    script = (f"from qlsearch.search import run_sweep; from qlsearch.study import load_study; "
-              f"run_sweep(load_study({str(path)!r}), root={str(root)!r}, num_cpus=1, verbose=False)")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qlsearch.cli", "sweep", str(path), "--root", str(root), "--num-cpus", "1"],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     from qlsearch.study import load_study
 
     study = load_study(path)
@@ -139,7 +147,9 @@ def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path, ray_s
         proc.wait()
     before = {t.number: t.values for t in finished}
 
-    run_sweep(study, root=root, verbose=False)
+    with pytest.raises(SystemExit):  # an existing study is only continued on request
+        main(["sweep", str(path), "--root", str(root)])
+    assert main(["sweep", str(path), "--root", str(root), "--resume", "--quiet"]) == 0
     trials = optuna.load_study(study_name="resume", storage=storage).get_trials()
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     interrupted = [t for t in trials if t.user_attrs.get("failure") == INTERRUPTED]

@@ -33,10 +33,9 @@ _NO_PEAK_MEMORY = ("null: not measured on CPU (the process RSS never shrinks, so
                    "cannot attribute it to methods that run interleaved)")
 
 
-#: Under --compile: the queryable adapter's routing state keeps integer counters that dynamo
-#: would otherwise specialise on (a recompile per call); five models share code objects,
-#: so the default of 8 graphs per code object is too few.
-_DYNAMO_CONFIG = {"allow_unspec_int_on_nn_module": True, "recompile_limit": 64}
+#: Under --compile: five models share code objects (one graph each), so the default of
+#: 8 graphs per code object is too few.
+_DYNAMO_CONFIG = {"recompile_limit": 64}
 
 
 def _compile_context(settings: ProfileSettings) -> contextlib.AbstractContextManager:

@@ -45,7 +45,7 @@ class QueryableLinear(nn.Module):
         self._shared: tuple[AtomRouter, RoutingState] | None = None  # a tuple: not a submodule
         self.state_layers: tuple[QueryableLinear, ...] = ()
         self._folded: Tensor | None = None
-        self._folded_version = -1
+        self._folded_for: object = None  # the Route the folded factor was made from
 
     @property
     def gate(self) -> Tensor:
@@ -84,11 +84,11 @@ class QueryableLinear(nn.Module):
             state.route_block(router, self.block, s)
 
     def _forward_folded(self, x: Tensor, state: RoutingState) -> Tensor:
-        if self._folded_version != state.version:
-            S = state.routes[self.block].operator
+        route = state.routes[self.block]
+        if self._folded_for is not route:  # a new route (a new generate call): fold it once
             A = self.lora_A
-            self._folded = self.scaling * (A + self.gate * (S @ A))  # (batch, r, d_in)
-            self._folded_version = state.version
+            self._folded = self.scaling * (A + self.gate * (route.operator @ A))  # (batch, r, d_in)
+            self._folded_for = route
         folded = self._folded
         x3 = x.reshape(folded.shape[0], -1, x.shape[-1])
         update = F.linear(torch.bmm(x3, folded.transpose(1, 2)), self.lora_B)

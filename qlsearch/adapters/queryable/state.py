@@ -28,8 +28,6 @@ class RoutingState:
     routes: dict[int, Route] = field(default_factory=dict)
     #: True while the routes are held fixed (decoding after prefill).
     hold: bool = False
-    #: Bumped whenever a new set of routes begins; folded decode factors compare it.
-    version: int = 0
     #: Fold (alpha/r)(I + g S_b) A into one factor while routes are held (exact up to rounding).
     fold: bool = True
 
@@ -38,11 +36,9 @@ class RoutingState:
         self.token_weights = token_weights
         self.instruction = instruction
         self.log_prior = None
-        self.unit_states.clear()
-        self.block_means.clear()
-        self.routes.clear()
+        # fresh dicts, not clear(): a compiled forward then never guards on the last one's keys
+        self.unit_states, self.block_means, self.routes = {}, {}, {}
         self.hold = False
-        self.version += 1
 
     def route_block(self, router: AtomRouter, block: int, entry_state: Tensor) -> None:
         """Route ``block`` from its entry state and the completed blocks' mean states.

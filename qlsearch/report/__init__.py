@@ -1,0 +1,49 @@
+"""Report pages for a study: Pareto fronts, tables, optimisation dynamics, routing, importances.
+
+``write_report(study)`` reads the study's Optuna storage and its trial records
+and writes ``reports/<study>/``: ``index.html`` (opens from disk), ``report.md``,
+``figures/*.png|svg`` and ``tables/*.csv``. Regenerating an unchanged study
+writes the same bytes.
+
+>>> from qlsearch.study import load_study
+>>> write_report(load_study("studies/quickstart.toml"))  # doctest: +SKIP
+PosixPath('reports/quickstart/index.html')
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+__all__ = ["write_report"]
+
+
+def write_report(study, root: str | Path = "runs", out: str | Path = "reports") -> Path:
+    """Write the report of ``study`` (a ``qlsearch.study.Study``) run under ``root``.
+
+    Returns the path of ``<out>/<study.name>/index.html``. The ``figures/`` and
+    ``tables/`` folders there are rewritten from scratch, so nothing stale
+    stays. Raises ``ValueError`` when the study was never run in its storage.
+    """
+    from qlsearch.report._data import load_study_data
+    from qlsearch.report._dynamics import dynamics_section
+    from qlsearch.report._front import front_section
+    from qlsearch.report._importance import importance_section
+    from qlsearch.report._page import write_page
+    from qlsearch.report._routing import routing_section
+    from qlsearch.report._tables import sweeps_section, table_sections
+
+    data = load_study_data(study, root)
+    folder = Path(out) / study.name
+    figures, tables = folder / "figures", folder / "tables"
+    for generated in (figures, tables):
+        shutil.rmtree(generated, ignore_errors=True)
+    sections = [
+        front_section(data, figures),
+        *table_sections(data, tables),
+        dynamics_section(data, figures),
+        routing_section(data, figures),
+        importance_section(data, figures, tables),
+        sweeps_section(data, tables),
+    ]
+    return write_page(data, sections, folder)

@@ -1,0 +1,271 @@
+"""What every report section reads: the Optuna study's trials joined with their seed records.
+
+Loaded once per report (``load_study_data``); the figure modules only read
+it. Also the two things every figure shares: how a trial is named on a plot,
+and how a figure is saved so that regenerating gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from datetime import datetime
+from pathlib import Path
+from typing import NamedTuple
+
+from qlsearch.study import Study
+
+#: The paper's symbols for the knobs it names (r, M, k, B, tau_lang, lambda_ctx).
+KNOB_SYMBOLS = {"num_atoms": "M", "top_k": "k", "num_blocks": "B", "tau_lang": "τ", "lambda_ctx": "λ"}
+#: Trials shown one by one in the dynamics and routing figures (more would be unreadable).
+MAX_FEATURED = 8
+
+
+class TrialRow(NamedTuple):
+    """One Optuna trial (one configuration on every seed) and its seed records."""
+
+    number: int
+    state: str  # COMPLETE | FAIL | RUNNING | WAITING | PRUNED
+    method: str | None
+    baseline: str | None
+    knobs: dict
+    values: tuple[float, ...] | None  # the objectives, means over seeds (COMPLETE only)
+    stds: tuple[float | None, ...]  # their standard deviations over seeds
+    failure: str | None
+    trial_seconds: float | None
+    started: datetime | None
+    completed: datetime | None
+    records: tuple[dict, ...]  # one per seed, in seed order
+
+    @property
+    def complete(self) -> bool:
+        return self.state == "COMPLETE" and self.values is not None
+
+
+class StudyData(NamedTuple):
+    study: Study
+    storage_url: str
+    trials: tuple[TrialRow, ...]
+    user_attrs: dict
+
+    @property
+    def complete(self) -> list[TrialRow]:
+        return [t for t in self.trials if t.complete]
+
+    def by_number(self, number: int) -> TrialRow:
+        return next(t for t in self.trials if t.number == number)
+
+
+def _records(record_dir: str | None, fallback: Path) -> tuple[dict, ...]:
+    """The ``seed<N>.json`` records of a trial, in seed order; ``fallback`` is where they
+    are if the run folder moved since the sweep (``<root>/<study>/trials/<tune id>``)."""
+    folders = [Path(record_dir)] if record_dir else []
+    folders.append(fallback)
+    for folder in folders:
+        files = sorted(folder.glob("seed*.json"), key=lambda p: int(p.stem[4:]) if p.stem[4:].isdigit() else -1)
+        if files:
+            return tuple(json.loads(p.read_text()) for p in files)
+    return ()
+
+
+def load_study_data(study: Study, root: str | Path = "runs") -> StudyData:
+    """The stored study ``study.name`` (``study.storage_url(root)``) with its trial records.
+
+    Raises ``ValueError`` naming the storage when no such study was run there.
+    """
+    import optuna
+
+    url = study.storage_url(root)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        ot_study = optuna.load_study(study_name=study.name, storage=url)
+    except KeyError:
+        raise ValueError(f"study {study.name!r}: not found in {url}; run `qlsearch sweep` first") from None
+    names = [m.name for m in study.objectives]
+    rows = []
+    for t in ot_study.get_trials(deepcopy=False):
+        attrs = t.user_attrs
+        tune_id = attrs.get("tune_trial_id") or ""
+        values = tuple(float(v) for v in t.values) if t.values is not None else None
+        rows.append(TrialRow(
+            number=t.number,
+            state=t.state.name,
+            method=attrs.get("method"),
+            baseline=attrs.get("baseline"),
+            knobs=dict(attrs.get("knobs") or {}),
+            values=values if t.state.name == "COMPLETE" else None,
+            stds=tuple(attrs.get(f"{n}_std") for n in names),
+            failure=attrs.get("failure"),
+            trial_seconds=attrs.get("trial_seconds"),
+            started=t.datetime_start,
+            completed=t.datetime_complete,
+            records=_records(attrs.get("record_dir"), study.run_dir(root) / "trials" / tune_id) if tune_id
+            or attrs.get("record_dir") else (),
+        ))
+    return StudyData(study, url, tuple(sorted(rows, key=lambda r: r.number)), dict(ot_study.user_attrs))
+
+
+# ---- naming and choosing trials -----------------------------------------------------
+
+
+def _fmt_knob(value) -> str:
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) else f"{value:.3g}"
+    return str(value)
+
+
+def varying_knobs(data: StudyData, method: str | None) -> list[str]:
+    """The knobs of ``method`` that take more than one value among its searched trials."""
+    seen: dict[str, set] = {}
+    for t in data.trials:
+        if t.method == method and not t.baseline:
+            for k, v in t.knobs.items():
+                seen.setdefault(k, set()).add(json.dumps(v, sort_keys=True, default=str))
+    return sorted(k for k, v in seen.items() if len(v) > 1)
+
+
+def trial_label(data: StudyData, t: TrialRow) -> str:
+    """How a trial is named on plots: a baseline by its label, a searched trial by number,
+    method and the knobs that vary in the search (``#3 queryable r=4 M=4 k=1``)."""
+    if t.baseline:
+        return t.baseline
+    knobs = " ".join(f"{KNOB_SYMBOLS.get(k, k)}={_fmt_knob(t.knobs[k])}"
+                     for k in _ordered(varying_knobs(data, t.method)) if k in t.knobs)
+    return f"#{t.number} {t.method or '?'}" + (f" {knobs}" if knobs else "")
+
+
+def _ordered(knobs: list[str]) -> list[str]:
+    """The paper's order (r, M, k, B, tau, lambda), then the rest alphabetically."""
+    first = ["r", "num_atoms", "top_k", "num_blocks", "tau_lang", "lambda_ctx"]
+    return [k for k in first if k in knobs] + sorted(k for k in knobs if k not in first)
+
+
+def front_numbers(data: StudyData) -> list[int]:
+    """Trial numbers of the non-dominated completed trials (every objective, with its direction)."""
+    complete = data.complete
+    keep = non_dominated([t.values for t in complete], data.study.directions)
+    return sorted(complete[i].number for i in keep)
+
+
+def dominates(a, b, directions: list[str]) -> bool:
+    """``a`` is at least as good as ``b`` in every objective and better in one."""
+    sign = [1.0 if d == "minimize" else -1.0 for d in directions]
+    not_worse = all(s * x <= s * y for s, x, y in zip(sign, a, b, strict=True))
+    return not_worse and any(s * x < s * y for s, x, y in zip(sign, a, b, strict=True))
+
+
+def non_dominated(points, directions: list[str]) -> list[int]:
+    """Indices of the points no other point dominates (duplicates are all kept, as Optuna does)."""
+    return [i for i, p in enumerate(points)
+            if not any(dominates(q, p, directions) for j, q in enumerate(points) if j != i)]
+
+
+def featured(data: StudyData) -> list[TrialRow]:
+    """Trials drawn one by one (Fig. 3/4/6/8): the completed baselines, then the front's
+    trials best-first on the first objective, at most ``MAX_FEATURED``."""
+    sign = 1.0 if data.study.directions[0] == "minimize" else -1.0
+    front = set(front_numbers(data))
+    baselines = [t for t in data.complete if t.baseline]
+    searched = sorted((t for t in data.complete if t.number in front and not t.baseline),
+                      key=lambda t: (sign * t.values[0], t.number))
+    return (baselines + searched)[:MAX_FEATURED]
+
+
+# ---- numbers over seeds --------------------------------------------------------------
+
+
+def seed_values(t: TrialRow, section: str, name: str) -> list:
+    """``record[section][name]`` of every seed record of ``t`` that has it."""
+    return [r.get(section, {}).get(name) for r in t.records if r.get(section, {}).get(name) is not None]
+
+
+def mean_std(values: list[float]) -> tuple[float, float] | None:
+    values = [float(v) for v in values]
+    if not values:
+        return None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def elementwise_mean(rows: list[list[float]]) -> list[float] | None:
+    """The mean of equally long lists (seeds); None when they are absent or ragged."""
+    if not rows or len({len(r) for r in rows}) != 1:
+        return None
+    return [statistics.fmean(float(x) for x in col) for col in zip(*rows)]
+
+
+def fmt(value, std=None) -> str:
+    """A number as tables print it: 4 significant digits, ``± std`` when given."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    text = _fmt_number(value)
+    return f"{text} ± {_fmt_number(std)}" if std is not None else text
+
+
+def _fmt_number(value) -> str:
+    value = float(value)
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if value == int(value) and abs(value) >= 1000:
+        return f"{int(value):,}"
+    return f"{value:.4g}"
+
+
+# ---- saving figures ------------------------------------------------------------------
+
+
+def save_figure(fig, folder: Path, stem: str) -> None:
+    """``<stem>.png`` and ``<stem>.svg``, byte-identical for the same figure: no dates or
+    versions in the metadata, fixed SVG ids."""
+    import matplotlib
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with matplotlib.rc_context({"svg.hashsalt": "qlsearch"}):
+        fig.savefig(folder / f"{stem}.png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+        fig.savefig(folder / f"{stem}.svg", bbox_inches="tight", metadata={"Date": None, "Creator": None})
+
+
+def new_figure(nrows: int = 1, ncols: int = 1, **kwargs):
+    """A figure and its axes, like ``plt.subplots`` but without pyplot: no global state and
+    no GUI back-end, so a report can be written from anywhere (the Agg canvas draws it)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=kwargs.pop("figsize", None), layout=kwargs.pop("layout", "constrained"))
+    return fig, fig.subplots(nrows, ncols, squeeze=False, **kwargs)
+
+
+# ---- what a section hands the page ------------------------------------------------------
+
+
+class FigureRef(NamedTuple):
+    """``figures/<stem>.png`` (shown) and ``.svg`` (linked)."""
+
+    stem: str
+    caption: str
+
+
+class Table(NamedTuple):
+    """Rows as printed; the full-precision rows are in ``tables/<stem>.csv``."""
+
+    stem: str
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+
+
+class Section(NamedTuple):
+    key: str  # the HTML anchor
+    title: str
+    paragraphs: list[str]
+    figures: list[FigureRef] = []
+    tables: list[Table] = []
+
+
+def write_csv(folder: Path, stem: str, columns: list[str], rows: list[list]) -> None:
+    import csv
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{stem}.csv", "w", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows(["" if v is None else v for v in row] for row in rows)

@@ -1,0 +1,92 @@
+"""What a study holds right now: its trials, its Pareto front, what the sweeps cost."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+
+
+def open_existing(study_or_name: str, root: str | Path = "runs"):
+    """An existing Optuna study from a study file (its storage) or a name under ``root``."""
+    from qlsearch.study import load_study
+
+    if study_or_name.endswith(".toml") or Path(study_or_name).is_file():
+        study = load_study(study_or_name)
+        name, url = study.name, study.storage_url(root)
+    else:
+        name = study_or_name
+        path = Path(root) / name / "study.db"
+        if not path.is_file():
+            raise ValueError(f"STUDY: no study {name!r} under {root}/ (looked for {path}); "
+                             "give its study file, or the --root it ran under")
+        url = f"sqlite:///{path.resolve()}"
+    try:
+        return optuna.load_study(study_name=name, storage=url)
+    except KeyError:
+        raise ValueError(f"STUDY: {url} holds no study named {name!r}") from None
+
+
+def _row(trial: optuna.trial.FrozenTrial, objectives: list[str]) -> dict:
+    attrs = trial.user_attrs
+    return {
+        "number": trial.number,
+        "state": trial.state.name,
+        "method": attrs.get("method"),
+        "baseline": attrs.get("baseline"),
+        "knobs": attrs.get("knobs"),
+        "values": dict(zip(objectives, trial.values, strict=True)) if trial.values else None,
+        "failure": attrs.get("failure"),
+        "seconds": attrs.get("trial_seconds"),
+    }
+
+
+def study_status(ot_study) -> dict:
+    """Trials, the front (Optuna's ``best_trials``) and the sweeps' timing, as one JSON-able dict."""
+    objectives = ot_study.user_attrs.get("objectives") or [f"objective_{i}" for i in range(len(ot_study.directions))]
+    trials = ot_study.get_trials(deepcopy=False)
+    counts: dict[str, int] = {}
+    for t in trials:
+        counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    front = ot_study.best_trials if any(t.state.name == "COMPLETE" for t in trials) else []
+    return {
+        "study": ot_study.study_name,
+        "objectives": [{"metric": m, "direction": d.name.lower()}
+                       for m, d in zip(objectives, ot_study.directions, strict=True)],
+        "counts": counts,
+        "trials": [_row(t, objectives) for t in trials],
+        "front": [t.number for t in front],
+        "sweeps": ot_study.user_attrs.get("sweeps", []),
+    }
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{int(value):,}" if value.is_integer() and abs(value) >= 1000 else f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def format_status(status: dict) -> str:
+    objectives = [o["metric"] for o in status["objectives"]]
+    front = set(status["front"])
+    lines = [f"study {status['study']}: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(status["counts"].items())),
+             "objectives: " + ", ".join(f"{o['metric']} ({o['direction']})" for o in status["objectives"]),
+             ""]
+    header = ["#", "state", "method", *objectives, "knobs / failure"]
+    rows = []
+    for t in status["trials"]:
+        who = t["baseline"] or t["method"] or "?"
+        values = [_fmt((t["values"] or {}).get(m)) for m in objectives]
+        detail = t["failure"] or " ".join(f"{k}={_fmt(v)}" for k, v in sorted((t["knobs"] or {}).items()))
+        rows.append([f"{t['number']}{'*' if t['number'] in front else ''}", t["state"].lower(), who,
+                     *values, detail])
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    for row in [header, *rows]:
+        lines.append("  ".join(str(x).ljust(w) for x, w in zip(row[:-1], widths[:-1], strict=True)) + "  " + row[-1])
+    lines += ["", f"Pareto front (*): trials {', '.join(map(str, sorted(front))) or 'none yet'}"]
+    for sweep in status["sweeps"]:
+        if "overhead_fraction" in sweep:
+            lines.append(f"sweep: {sweep['wall_seconds']:.1f}s wall, {sweep['trial_seconds']:.1f}s with trials "
+                         f"running, overhead {sweep['overhead_seconds']:.1f}s "
+                         f"({100 * sweep['overhead_fraction']:.1f}%, Ray start {sweep['ray_start_seconds']:.1f}s)")
+    return "\n".join(lines)
