@@ -24,11 +24,18 @@ test-all: setup  # includes the @pytest.mark.slow tests
 lint: setup
 	$(BIN)/ruff check qlsearch tests
 
-# Until the quickstart sweep lands, the main job is the routed-adapter benchmark on the
-# launch-bound stand-in (random weights from a shipped config: nothing is downloaded).
+# The quickstart study on CPU (nothing downloaded); --resume makes a second run a no-op.
 quickstart: setup
-	HF_HUB_OFFLINE=1 $(BIN)/qlsearch profile --model benchmarks/configs/launch-bound \
-		--methods lora,queryable,instr-queryable --batch 1 --seq 1
+	HF_HUB_OFFLINE=1 $(BIN)/qlsearch sweep studies/quickstart.toml --resume
+	$(BIN)/qlsearch status quickstart
+	$(BIN)/qlsearch report quickstart
+
+# The routed-adapter benchmarks of benchmarks/README.md, on this machine.
+bench: setup
+	$(BIN)/qlsearch profile --model benchmarks/configs/launch-bound --methods lora,dora,queryable,instr-queryable \
+		--batch 1 --seq 1 --out benchmarks/results/launch-bound
+	$(BIN)/qlsearch profile --model benchmarks/configs/qwen2.5-0.5b --methods lora,queryable,instr-queryable \
+		--batch 1 --seq 128 --skip train --repeats 5 --warmup 1 --out benchmarks/results/qwen2.5-0.5b
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

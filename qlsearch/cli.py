@@ -219,6 +219,33 @@ def _run_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_report(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("report", help="write a study's report page (Pareto fronts, tables, figures)",
+                              description="Write <out>/<study>/index.html, report.md, figures/ and tables/ "
+                                          "from the study's storage and trial records.")
+    p.add_argument("study", help="study file, or a name: studies/<name>.toml")
+    p.add_argument("--root", default="runs", help="run folder the sweep used")
+    p.add_argument("--out", default="reports", help="folder for the report pages")
+    p.set_defaults(run=_run_report, parser=p)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from qlsearch.report import write_report
+    from qlsearch.study import load_study
+
+    path = Path(args.study)
+    if not path.is_file() and not path.suffix:  # `qlsearch report quickstart`
+        path = Path("studies") / f"{args.study}.toml"
+    try:
+        page = write_report(load_study(path), root=args.root, out=args.out)
+    except ValueError as err:
+        raise UsageError(f"{args.study}: {err}") from err
+    print(page)
+    return 0
+
+
 def _add_params(subparsers: argparse._SubParsersAction) -> None:
     from qlsearch.params import PAPER_TARGETS
 
@@ -250,7 +277,7 @@ def _run_params(args: argparse.Namespace) -> int:
 # ---- the command ---------------------------------------------------------------------------
 
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_sweep, _add_status, _add_trial, _add_profile, _add_params,
+    _add_sweep, _add_status, _add_report, _add_trial, _add_profile, _add_params,
 ]
 
 

@@ -191,7 +191,7 @@ def elementwise_mean(rows: list[list[float]]) -> list[float] | None:
     """The mean of equally long lists (seeds); None when they are absent or ragged."""
     if not rows or len({len(r) for r in rows}) != 1:
         return None
-    return [statistics.fmean(float(x) for x in col) for col in zip(*rows)]
+    return [statistics.fmean(float(x) for x in col) for col in zip(*rows, strict=True)]
 
 
 def fmt(value, std=None) -> str:

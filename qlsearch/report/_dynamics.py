@@ -12,6 +12,8 @@ import math
 from pathlib import Path
 from typing import NamedTuple
 
+from matplotlib.ticker import MaxNLocator
+
 from qlsearch.report._data import (
     FigureRef,
     Section,
@@ -79,6 +81,7 @@ def _plot_layer_norms(info: DynamicsInfo, folder: Path, stem: str) -> None:
     values = [v for line in info.layer_norms for v in line.mean if v > 0]
     if values and max(values) / min(values) > 50:
         ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("adapted layer (input to output)")
     ax.set_ylabel("adapter gradient norm (last epoch)")
     ax.grid(True, alpha=0.3)
@@ -91,6 +94,7 @@ def _plot_concentration(info: DynamicsInfo, folder: Path, stem: str) -> None:
     ax = axes[0][0]
     for line in info.concentration:
         ax.plot(line.epochs, line.mean, marker="o", markersize=3, linewidth=1.3, label=line.label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("gradient concentration index (max/mean)")
     ax.grid(True, alpha=0.3)

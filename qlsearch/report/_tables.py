@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import NamedTuple
 
+from qlsearch.metrics import get_metric
 from qlsearch.report._data import (
     Section,
     StudyData,
@@ -173,7 +174,8 @@ def _baseline_table(data: StudyData, folder: Path) -> tuple[Table, str | None]:
     extra = [c.metric for c in paper.columns] if paper else []
     extra = [m for m in dict.fromkeys(extra) if m not in {o.name for o in objectives}]
     paper_columns = paper.columns if paper else []
-    columns = ["row", "method", "knobs", "state", "seeds", *[m.label for m in objectives], *extra,
+    columns = ["row", "method", "knobs", "state", "seeds", *[m.label for m in objectives],
+               *(get_metric(m).label for m in extra),
                *(c.title for c in paper_columns), "failure"]
     csv_columns = ["row", "trial", "method", "knobs", "state", "seeds",
                    *[c for m in objectives for c in (m.name, f"{m.name}_std")],
