@@ -162,9 +162,14 @@ class StudySearch(OptunaSearch):
 
     @classmethod
     def for_study(cls, study: Study, storage, seed: int) -> StudySearch:
+        """``seed`` should differ between sweeps of one study (e.g. its trial count), so a
+        resumed sweep does not draw the same random start-up points again."""
+        samplers = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
+                    "bruteforce": optuna.samplers.BruteForceSampler,
+                    "nsgaii": optuna.samplers.NSGAIISampler}
         return cls(space=StudySpace(study), metric=[m.name for m in study.objectives],
                    mode=["max" if m.higher_is_better else "min" for m in study.objectives],
-                   storage=storage, study_name=study.name, seed=seed)
+                   storage=storage, study_name=study.name, sampler=samplers[study.sampler](seed=seed))
 
     def suggest(self, trial_id):
         config = super().suggest(trial_id)

@@ -45,6 +45,10 @@ from qlsearch.trial import TaskSpec, TrainSpec, _check_fields
 #: ``knob <= bound`` pairs: combinations that break them are never sampled (paper B.2: k <= M).
 CONSTRAINTS = {"top_k": ("num_atoms", "num_experts")}
 SCHEDULERS = ("none", "asha")
+#: Optuna samplers a study may name. "tpe" (the default) handles several objectives and
+#: conditional spaces; "bruteforce" enumerates a small discrete space without repeating a
+#: configuration; "nsgaii" is the evolutionary multi-objective sampler.
+SAMPLERS = ("tpe", "random", "bruteforce", "nsgaii")
 #: Objectives known during training (ASHA can only stop trials on one of these).
 EARLY_STOPPABLE = ("best_test_mse", "final_test_mse", "best_test_loss", "final_test_loss")
 
@@ -105,6 +109,7 @@ class Study:
     num_trials: int = 8
     resources: Resources = field(default_factory=Resources)
     scheduler: str = "none"
+    sampler: str = "tpe"
     storage: str | None = None  # None: sqlite file under the run folder
     max_retries: int = 0  # re-runs of a trial whose worker crashed (a trial's own failure is final)
     profile: bool = True
@@ -124,7 +129,8 @@ class Study:
 
 
 _TOP_LEVEL = {"name", "description", "task", "train", "objectives", "space", "baselines", "seeds",
-              "num_trials", "resources", "scheduler", "storage", "max_retries", "profile", "cache_dir"}
+              "num_trials", "resources", "scheduler", "sampler", "storage", "max_retries", "profile",
+              "cache_dir"}
 
 
 def _fail(where: str, message: str) -> ValueError:
@@ -252,6 +258,9 @@ def parse_study(data: dict, path: str | None = None) -> Study:
     if scheduler == "asha" and metrics[0].name not in EARLY_STOPPABLE:
         raise _fail("study.scheduler", f"asha stops trials on the first objective, which must be "
                     f"measured while training; allowed first objectives: {', '.join(EARLY_STOPPABLE)}")
+    sampler = data.get("sampler", "tpe")
+    if sampler not in SAMPLERS:
+        raise _fail("study.sampler", f"got {sampler!r}; allowed: {', '.join(SAMPLERS)}")
     return Study(
         name=name,
         description=data.get("description", ""),
@@ -264,6 +273,7 @@ def parse_study(data: dict, path: str | None = None) -> Study:
         num_trials=num_trials,
         resources=resources,
         scheduler=scheduler,
+        sampler=sampler,
         storage=data.get("storage"),
         max_retries=int(data.get("max_retries", 0)),
         profile=bool(data.get("profile", True)),

@@ -47,7 +47,7 @@ def dominates(a: list[float], b: list[float]) -> bool:
 
 
 def test_sweep_runs_end_to_end_and_front_is_non_dominated(tmp_path, ray_session, capsys):
-    study = tiny(tmp_path, "tiny", num_trials=3,
+    study = tiny(tmp_path, "tiny", num_trials=3, sampler="bruteforce",
                  baselines=[{"method": "lora", "knobs": {"r": 4}},
                             {"method": "lora", "knobs": {"r": 4, "alpha": float("inf")}, "label": "lora-diverges"},
                             {"method": "queryable", "knobs": {"num_blocks": 99}, "label": "queryable-broken"}])
@@ -67,6 +67,7 @@ def test_sweep_runs_end_to_end_and_front_is_non_dominated(tmp_path, ray_session,
     for t in searched:  # k <= M was never violated
         knobs = t.user_attrs["knobs"]
         assert knobs["top_k"] <= knobs["num_atoms"]
+    assert len({tuple(sorted(t.user_attrs["knobs"].items())) for t in searched}) == 3  # no repeats
     front = ot.best_trials
     assert front
     for a in front:

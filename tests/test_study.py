@@ -58,6 +58,7 @@ def bad(**changes):
         (bad(seeds=[]), r"study.seeds: got \[\]"),
         (bad(num_trials=0), r"study.num_trials: got 0"),
         (bad(scheduler="hyperband"), r"study.scheduler: got 'hyperband'; allowed: none, asha"),
+        (bad(sampler="cmaes"), r"study.sampler: got 'cmaes'; allowed: tpe, random, bruteforce, nsgaii"),
         (bad(scheduler="asha", objectives=["forward_ms"]), r"asha stops trials on the first objective"),
         (bad(resources={"gpus_per_trial": -1}), r"resources: .*gpus_per_trial >= 0"),
         (bad(resources={"gpu": 1}), r"resources.gpu: unknown field"),
