@@ -91,6 +91,8 @@ def _add_profile(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--out", metavar="DIR", help="also write DIR/<tag>.json and DIR/<tag>.md")
     p.add_argument("--tag", help="file name under --out (None: the machine, e.g. cpu-amd-epyc-2t)")
+    p.add_argument("--trace", metavar="DIR", help="write one torch.profiler trace of a forward per method "
+                   "(Chrome trace JSON: Perfetto, chrome://tracing, or TensorBoard's profiler plugin)")
     p.set_defaults(run=_run_profile, parser=p)
 
 

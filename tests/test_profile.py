@@ -172,3 +172,21 @@ def test_compiled_models_do_not_recompile_while_timed(qwen):
                                           skip=frozenset({"decode"}), **{**FAST, "warmup": 3}))
     assert out.settings["compiles_while_timing"] == 0
     assert out.settings["compiled_phases"] == ["forward", "train"]
+
+
+def test_flops_count_attention_and_the_routing_arithmetic(result):
+    """Eager attention for the count (SDPA on CPU scores 0); the routing's softmax, top-k and
+    norms are counted, so the queryable adapter costs more FLOPs than LoRA, the frozen model fewer."""
+    flops = {name: m.flops for name, m in result.methods.items()}
+    assert result.methods["lora"].flops_ratio == 1.0
+    assert flops[FROZEN] < flops["lora"] < flops["queryable"]
+
+
+def test_trace_writes_a_chrome_trace_per_method(qwen, tmp_path):
+    settings = ProfileSettings(qwen, methods=("lora", "queryable"), batch=1, seq=2, repeats=1,
+                               warmup=0, threads=1, skip=frozenset({"decode", "train", "flops"}),
+                               trace=str(tmp_path / "traces"), **QUERYABLE)
+    profile_methods(settings)
+    for name in (FROZEN, "lora", "queryable"):
+        (trace,) = (tmp_path / "traces" / name).glob("*.pt.trace.json")
+        assert json.loads(trace.read_text())["traceEvents"]

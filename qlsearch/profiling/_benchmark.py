@@ -7,9 +7,11 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
+from qlsearch.profiling._flops import count_flops
 from qlsearch.profiling._machine import machine_info
 from qlsearch.profiling._settings import FROZEN, REFERENCE, ProfileSettings
 from qlsearch.profiling._subjects import (
@@ -95,6 +97,8 @@ class MethodProfile:
     total_params: int
     adapter_bytes: int
     peak_memory_bytes: int | None
+    flops: int | None = None  # one forward; see qlsearch/profiling/_flops.py for what counts
+    flops_ratio: float | None = None
 
 
 @dataclass
@@ -154,6 +158,40 @@ def _measure_train(subjects: list[Subject], inputs: dict, phases: _Phases) -> di
             s.model.eval()
 
 
+@contextlib.contextmanager
+def _eager_attention(model):
+    """Every HF config in ``model`` set to eager attention, then restored: on CPU, SDPA
+    runs a kernel the FLOP counter scores 0."""
+    configs = {id(m.config): m.config for m in model.modules()
+               if hasattr(getattr(m, "config", None), "_attn_implementation")}
+    saved = {key: c._attn_implementation for key, c in configs.items()}
+    try:
+        for c in configs.values():
+            c._attn_implementation = "eager"
+        yield
+    finally:
+        for key, c in configs.items():
+            c._attn_implementation = saved[key]
+
+
+def _count_flops(subject: Subject, inputs: dict) -> int:
+    with _eager_attention(subject.model):
+        return count_flops(lambda: subject.model(**inputs, **subject.extra))["flops"]
+
+
+def _write_traces(subjects: list[Subject], inputs: dict, out_dir: str) -> None:
+    """One ``torch.profiler`` trace of a forward per method: ``<dir>/<method>/*.pt.trace.json``
+    (Chrome trace JSON: Perfetto, chrome://tracing, or TensorBoard with torch-tb-profiler)."""
+    from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    for s in subjects:
+        handler = tensorboard_trace_handler(str(Path(out_dir) / s.name), worker_name=s.name)
+        with torch.inference_mode(), profile(activities=activities, record_shapes=True,
+                                             on_trace_ready=handler):
+            s.runner(**inputs, **s.extra)
+
+
 def profile_methods(settings: ProfileSettings,
                     progress: Callable[[str], None] | None = None) -> ProfileResult:
     """Measure every method of ``settings`` against the frozen model and PEFT LoRA.
@@ -188,6 +226,9 @@ def _profile(settings: ProfileSettings, progress: Callable[[str], None] | None) 
         train = _measure_train(subjects, inputs, phases) if settings.runs("train") else {}
         peaks = ({s.name: cuda_peak_bytes(s, inputs, settings.runs("train")) for s in subjects}
                  if settings.device == "cuda" else {})
+    flops = {s.name: _count_flops(s, inputs) for s in subjects} if settings.runs("flops") else {}
+    if settings.trace:
+        _write_traces(subjects, inputs, settings.trace)
 
     fwd = {name: statistics.median(x) for name, x in forward.items()}
     step = {name: statistics.median(x) for name, x in train.items()}
@@ -212,6 +253,8 @@ def _profile(settings: ProfileSettings, progress: Callable[[str], None] | None) 
             total_params=total,
             adapter_bytes=sum(p.numel() * p.element_size() for p in s.trainable),
             peak_memory_bytes=peaks.get(s.name),
+            flops=flops.get(s.name),
+            flops_ratio=_ratio(flops.get(s.name), flops.get(REFERENCE)),
         )
 
     config = base.config
@@ -226,6 +269,8 @@ def _profile(settings: ProfileSettings, progress: Callable[[str], None] | None) 
         "dynamo_config": _DYNAMO_CONFIG if settings.compile else None,
         "compiles_while_timing": phases.compiles_while_timing if settings.compile else None,
         "decode_formula": "batch * (new_tokens - 1) / (t(generate new_tokens) - t(generate 1))",
+        "flops": ("FlopCounterMode with eager attention, plus elementwise ops, reductions, softmax "
+                  "and top-k it does not count (qlsearch/profiling/_flops.py)"),
         "peak_memory": _PEAK_MEMORY if settings.device == "cuda" else _NO_PEAK_MEMORY,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "seconds": round(time.time() - started, 1),

@@ -9,8 +9,8 @@ from qlsearch.profiling._benchmark import MethodProfile, ProfileResult
 from qlsearch.profiling._machine import machine_tag
 
 _HEADERS = ("method", "forward ms [min-max]", "overhead ms", "fwd x LoRA", "prefill ms",
-            "decode tok/s", "dec x LoRA", "train ms", "train x LoRA", "trainable", "total",
-            "peak MiB")
+            "decode tok/s", "dec x LoRA", "train ms", "train x LoRA", "GFLOPs", "FLOPs x LoRA",
+            "trainable", "total", "peak MiB")
 
 
 def _num(value: float | None, digits: int = 2) -> str:
@@ -29,6 +29,8 @@ def _row(name: str, m: MethodProfile) -> list[str]:
         _num(m.decode_ratio, 3),
         _num(m.train_step_ms),
         _num(m.train_ratio, 3),
+        "-" if m.flops is None else f"{m.flops / 1e9:,.3f}",
+        _num(m.flops_ratio, 4),
         f"{m.trainable_params:,}",
         f"{m.total_params:,}",
         "-" if m.peak_memory_bytes is None else f"{m.peak_memory_bytes / 2**20:,.1f}",

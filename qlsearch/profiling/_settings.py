@@ -14,7 +14,7 @@ PAPER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")
 #: Phases that can be left out; the forward pass is always measured (the ratios need it).
-SKIPPABLE = ("decode", "train")
+SKIPPABLE = ("decode", "train", "flops")
 #: The untouched base model, measured beside the adapters so overheads are absolute too.
 FROZEN = "frozen"
 #: Ratios are to PEFT LoRA measured in the same process (DESIGN.md, "Profiling").
@@ -51,6 +51,7 @@ class ProfileSettings:
     target_modules: tuple[str, ...] = PAPER_TARGETS
     seed: int = 0
     tag: str | None = None  # file name under --out; None: derived from the machine
+    trace: str | None = None  # folder for one torch.profiler trace per method (None: no traces)
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, allowed: str) -> None:
