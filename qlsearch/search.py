@@ -74,7 +74,7 @@ class StudySpace:
 
     def __call__(self, trial) -> dict:
         attrs = trial.user_attrs
-        if attrs.get("baseline") or "retry_of" in attrs:  # fixed: a baseline, or an interrupted trial
+        if attrs.get("baseline") or attrs.get("fixed"):  # a baseline, a grid point, or a retry
             return {"method": attrs["method"], "knobs": attrs["knobs"], "baseline": attrs.get("baseline")}
         methods = list(self.spaces)
         method = methods[0] if len(methods) == 1 else trial.suggest_categorical("method", methods)
@@ -165,8 +165,8 @@ class StudySearch(OptunaSearch):
         """``seed`` should differ between sweeps of one study (e.g. its trial count), so a
         resumed sweep does not draw the same random start-up points again."""
         samplers = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
-                    "bruteforce": optuna.samplers.BruteForceSampler,
-                    "nsgaii": optuna.samplers.NSGAIISampler}
+                    "nsgaii": optuna.samplers.NSGAIISampler,
+                    "grid": optuna.samplers.TPESampler}  # grid points are enqueued: never sampled
         return cls(space=StudySpace(study), metric=[m.name for m in study.objectives],
                    mode=["max" if m.higher_is_better else "min" for m in study.objectives],
                    storage=storage, study_name=study.name, sampler=samplers[study.sampler](seed=seed))
@@ -233,13 +233,23 @@ def prepare(ot_study, study: Study) -> int:
             if t.user_attrs.get("method"):
                 attrs = {k: t.user_attrs.get(k) for k in ("method", "knobs", "baseline")}
                 if not attrs["baseline"]:
-                    attrs["retry_of"] = t.number
+                    attrs.update(retry_of=t.number, fixed=True)
                 ot_study.enqueue_trial({}, user_attrs=attrs)
     trials = ot_study.get_trials(deepcopy=False)
     present = {t.user_attrs.get("baseline") for t in trials if t.user_attrs.get("baseline")}
     for b in study.baselines:
         if b.label not in present:
             ot_study.enqueue_trial({}, user_attrs={"baseline": b.label, "method": b.method, "knobs": b.knobs})
+    if study.sampler == "grid":  # enqueue the grid once, in a seeded order, up to num_trials
+        import random
+
+        points = study.grid()
+        random.Random(study.name).shuffle(points)
+        known = {(t.user_attrs.get("method"), repr(sorted((t.user_attrs.get("knobs") or {}).items())))
+                 for t in ot_study.get_trials(deepcopy=False) if not t.user_attrs.get("baseline")}
+        for method, knobs in points[: study.num_trials]:
+            if (method, repr(sorted(knobs.items()))) not in known:
+                ot_study.enqueue_trial({}, user_attrs={"method": method, "knobs": knobs, "fixed": True})
     trials = ot_study.get_trials(deepcopy=False)
     waiting = sum(t.state == State.WAITING for t in trials)
     searched_done = sum(

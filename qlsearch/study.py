@@ -45,10 +45,11 @@ from qlsearch.trial import TaskSpec, TrainSpec, _check_fields
 #: ``knob <= bound`` pairs: combinations that break them are never sampled (paper B.2: k <= M).
 CONSTRAINTS = {"top_k": ("num_atoms", "num_experts")}
 SCHEDULERS = ("none", "asha")
-#: Optuna samplers a study may name. "tpe" (the default) handles several objectives and
-#: conditional spaces; "bruteforce" enumerates a small discrete space without repeating a
-#: configuration; "nsgaii" is the evolutionary multi-objective sampler.
-SAMPLERS = ("tpe", "random", "bruteforce", "nsgaii")
+#: How configurations are chosen. "tpe" (the default), "random" and "nsgaii" are Optuna's
+#: samplers (TPE and NSGA-II handle several objectives; TPE also conditional spaces);
+#: "grid" enumerates a space of lists (k <= M filtered), in a seeded random order, so a
+#: small space is covered without running one configuration twice.
+SAMPLERS = ("tpe", "random", "nsgaii", "grid")
 #: Objectives known during training (ASHA can only stop trials on one of these).
 EARLY_STOPPABLE = ("best_test_mse", "final_test_mse", "best_test_loss", "final_test_loss")
 
@@ -116,6 +117,19 @@ class Study:
     description: str = ""
     cache_dir: str = "runs/cache"
     path: str | None = None
+
+    def grid(self) -> list[tuple[str, dict]]:
+        """Every ``(method, knobs)`` of the spaces (lists only), ``k <= M`` enforced."""
+        import itertools
+
+        points = []
+        for space in self.spaces:
+            names = [p.name for p in space.params]
+            for values in itertools.product(*(p.choices for p in space.params)):
+                knobs = {**space.fixed, **dict(zip(names, values, strict=True))}
+                if all(knobs[p.name] <= knobs[b] for p in space.params if (b := space.bound_of(p))):
+                    points.append((space.method, knobs))
+        return points
 
     @property
     def directions(self) -> list[str]:
@@ -261,6 +275,10 @@ def parse_study(data: dict, path: str | None = None) -> Study:
     sampler = data.get("sampler", "tpe")
     if sampler not in SAMPLERS:
         raise _fail("study.sampler", f"got {sampler!r}; allowed: {', '.join(SAMPLERS)}")
+    ranges = [f"{s.method}.{p.name}" for s in spaces for p in s.params if p.choices is None]
+    if sampler == "grid" and ranges:
+        raise _fail("study.sampler", f"grid needs lists of values, but {ranges[0]} is a range; "
+                    "allowed: list every value, or another sampler")
     return Study(
         name=name,
         description=data.get("description", ""),

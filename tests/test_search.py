@@ -47,7 +47,7 @@ def dominates(a: list[float], b: list[float]) -> bool:
 
 
 def test_sweep_runs_end_to_end_and_front_is_non_dominated(tmp_path, ray_session, capsys):
-    study = tiny(tmp_path, "tiny", num_trials=3, sampler="bruteforce",
+    study = tiny(tmp_path, "tiny", num_trials=3, sampler="grid",
                  baselines=[{"method": "lora", "knobs": {"r": 4}},
                             {"method": "lora", "knobs": {"r": 4, "alpha": float("inf")}, "label": "lora-diverges"},
                             {"method": "queryable", "knobs": {"num_blocks": 99}, "label": "queryable-broken"}])

@@ -86,7 +86,7 @@ def bad(**changes):
         (bad(seeds=[]), r"study.seeds: got \[\]"),
         (bad(num_trials=0), r"study.num_trials: got 0"),
         (bad(scheduler="hyperband"), r"study.scheduler: got 'hyperband'; allowed: none, asha"),
-        (bad(sampler="cmaes"), r"study.sampler: got 'cmaes'; allowed: tpe, random, bruteforce, nsgaii"),
+        (bad(sampler="cmaes"), r"study.sampler: got 'cmaes'; allowed: tpe, random, nsgaii, grid"),
         (bad(scheduler="asha", objectives=["forward_ms"]), r"asha stops trials on the first objective"),
         (bad(resources={"gpus_per_trial": -1}), r"resources: .*gpus_per_trial >= 0"),
         (bad(resources={"gpu": 1}), r"resources.gpu: unknown field"),
@@ -107,3 +107,14 @@ def test_unreadable_files(tmp_path):
     broken.write_text("name = \n")
     with pytest.raises(ValueError, match="not valid TOML"):
         load_study(broken)
+
+
+def test_grid_enumerates_only_valid_configurations():
+    study = parse_study({**GOOD, "sampler": "grid"})
+    grid = study.grid()
+    # r in {4, 8} x (M = 2: k in {1, 2}; M = 4: k in {1, 2, 4})
+    assert len(grid) == 2 * (2 + 3)
+    assert all(knobs["top_k"] <= knobs["num_atoms"] for _, knobs in grid)
+    with pytest.raises(ValueError, match="grid needs lists of values, but queryable.tau_lang is a range"):
+        parse_study({**GOOD, "sampler": "grid",
+                     "space": {"queryable": {"tau_lang": {"low": 0.1, "high": 1.0}}}})
