@@ -32,10 +32,11 @@ quickstart: setup
 
 # The routed-adapter benchmarks of benchmarks/README.md, on this machine.
 bench: setup
-	$(BIN)/qlsearch profile --model benchmarks/configs/launch-bound --methods lora,dora,queryable,instr-queryable \
-		--batch 1 --seq 1 --out benchmarks/results/launch-bound
+	$(BIN)/qlsearch profile --model benchmarks/configs/launch-bound \
+		--methods lora,dora,replora,hyra,doran,queryable,instr-queryable \
+		--batch 1 --seq 1 --threads 1 --out benchmarks/results/launch-bound
 	$(BIN)/qlsearch profile --model benchmarks/configs/qwen2.5-0.5b --methods lora,queryable,instr-queryable \
-		--batch 1 --seq 128 --skip train --repeats 5 --warmup 1 --out benchmarks/results/qwen2.5-0.5b
+		--batch 1 --seq 128 --skip train --repeats 5 --warmup 1 --threads 1 --out benchmarks/results/qwen2.5-0.5b
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
