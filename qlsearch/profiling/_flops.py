@@ -38,6 +38,11 @@ def _per_output(cost: float) -> Callable:
     return formula
 
 
+def _add(*args, out_shape=None, alpha=1, **kwargs) -> int:
+    """``add(a, b, alpha=c)`` is a multiply and an add per element when ``c != 1``."""
+    return _numel(out_shape) * (1 if alpha == 1 else 2)
+
+
 def _per_input(*args, out_shape=None, **kwargs) -> int:
     return _numel(args[0])
 
@@ -47,7 +52,7 @@ def _topk(self_shape, k, *args, out_shape=None, **kwargs) -> int:
 
 
 # The counter looks ops up by overload packet (``aten.add``, not ``aten.add.Tensor``).
-ELEMENTWISE = [aten.add, aten.sub, aten.mul, aten.div, aten.neg, aten.exp, aten.log, aten.rsqrt,
+ELEMENTWISE = [aten.sub, aten.mul, aten.div, aten.neg, aten.exp, aten.log, aten.rsqrt,
                aten.sqrt, aten.pow, aten.sigmoid, aten.tanh, aten.silu, aten.gelu, aten.relu,
                aten.clamp_min, aten.where, aten.add_, aten.mul_]
 REDUCTIONS = [aten.mean, aten.sum, aten.amax, aten.norm]
@@ -55,6 +60,7 @@ REDUCTIONS = [aten.mean, aten.sum, aten.amax, aten.norm]
 MAPPING: dict = {
     **{op: _per_output(1) for op in ELEMENTWISE},
     **{op: _per_input for op in REDUCTIONS},
+    aten.add: _add,
     aten._softmax: _per_output(5),
     aten._log_softmax: _per_output(5),
     aten.topk: _topk,
