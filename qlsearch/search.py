@@ -310,8 +310,11 @@ def run_sweep(study: Study, root: str | Path = "runs", address: str | None = Non
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(_trainable, study=study, run_dir=str(run_dir)),
                             _resources(study)),
+        # reuse_actors: a trial's worker process (torch and the libraries already imported)
+        # runs the next trial too, instead of a fresh process per trial
         tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=to_run,
-                                    max_concurrent_trials=study.resources.max_concurrent),
+                                    max_concurrent_trials=study.resources.max_concurrent,
+                                    reuse_actors=True),
         run_config=tune.RunConfig(name="tune", storage_path=str(run_dir / "ray"), verbose=0,
                                   callbacks=[lines],
                                   failure_config=tune.FailureConfig(max_failures=study.max_retries)),
