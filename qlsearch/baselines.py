@@ -13,13 +13,9 @@ long format, numbers as printed (see ``baselines/paper/README.md``).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
+from qlsearch._toml import tomllib
 
 #: The repository's ``baselines/`` folder (next to the ``qlsearch`` package).
 BASELINES_DIR = Path(__file__).resolve().parent.parent / "baselines"

@@ -258,7 +258,7 @@ def _run_report(args: argparse.Namespace) -> int:
 
 
 def _add_params(subparsers: argparse._SubParsersAction) -> None:
-    from qlsearch.params import PAPER_TARGETS
+    from qlsearch.profiling._settings import PAPER_TARGETS
 
     p = subparsers.add_parser("params", help="trainable parameters per method (the paper's Table 6)",
                               description="Count each method's parameters on a model built from its "

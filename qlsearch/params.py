@@ -14,9 +14,7 @@ import torch
 from torch import nn
 
 from qlsearch.adapters import attach, get_method
-
-#: The paper's targets for Tables 5-7: attention and MLP projections.
-PAPER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from qlsearch.profiling._settings import PAPER_TARGETS  # the paper's targets: attention + MLP
 
 
 @dataclass
@@ -60,7 +58,7 @@ def parameter_table(model: str, methods: list[str], r: int = 8,
     ``knobs`` are passed to every method that has them (e.g. ``num_atoms``).
     """
     base = meta_model(load_config(model))
-    targets = target_modules or PAPER_TARGETS
+    targets = list(target_modules or PAPER_TARGETS)
     rows = []
     for name in methods:
         method = get_method(name)

@@ -6,13 +6,7 @@ import time
 
 from ray.tune import Callback
 
-
-def _fmt(value) -> str:
-    if isinstance(value, float) and value.is_integer() and abs(value) >= 1000:
-        return f"{int(value):,}"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+from qlsearch.status import format_value as _fmt
 
 
 class TrialLines(Callback):

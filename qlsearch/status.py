@@ -60,10 +60,15 @@ def study_status(ot_study) -> dict:
     }
 
 
-def _fmt(value) -> str:
+def format_value(value) -> str:
+    """Large whole numbers with thousands separators, other floats to 4 significant digits."""
     if isinstance(value, float):
         return f"{int(value):,}" if value.is_integer() and abs(value) >= 1000 else f"{value:.4g}"
-    return "-" if value is None else str(value)
+    return str(value)
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else format_value(value)
 
 
 def format_status(status: dict) -> str:

@@ -316,10 +316,8 @@ def read_study_file(path: str | Path, _seen: tuple = ()) -> dict:
 
     A family of studies (one per function or task) then states only what differs.
     """
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        import tomli as tomllib
+    from qlsearch._toml import tomllib
+
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"study file: {path} does not exist")

@@ -133,10 +133,8 @@ class TrialConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> TrialConfig:
-        try:
-            import tomllib
-        except ImportError:  # Python 3.10
-            import tomli as tomllib
+        from qlsearch._toml import tomllib
+
         with open(path, "rb") as fh:
             return cls.from_dict(tomllib.load(fh))
 
