@@ -44,6 +44,10 @@ class TrialLines(Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         self._end(trial, failed=True)
 
+    def first_start(self) -> float | None:
+        """When the first trial started (None: none did)."""
+        return min((start for start, _ in self.spans.values()), default=None)
+
     def busy_seconds(self) -> float:
         """Length of the union of the trials' run spans (time with at least one trial running)."""
         total, end = 0.0, float("-inf")

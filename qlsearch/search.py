@@ -287,6 +287,7 @@ def run_sweep(study: Study, root: str | Path = "runs", address: str | None = Non
     started = time.time()
     ot_study, storage = open_study(study, root)
     to_run = prepare(ot_study, study)
+    storage_ready = time.time()
     summary = {"study": study.name, "storage": study.storage_url(root), "started": to_run}
     if to_run == 0:
         summary.update(wall_seconds=time.time() - started, trial_seconds=0.0)
@@ -298,6 +299,7 @@ def run_sweep(study: Study, root: str | Path = "runs", address: str | None = Non
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
         else:
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    ray_ready = time.time()
     run_dir = study.run_dir(root).resolve()
     search = StudySearch.for_study(study, storage, seed=len(ot_study.trials))
     scheduler = None
@@ -319,12 +321,15 @@ def run_sweep(study: Study, root: str | Path = "runs", address: str | None = Non
                                   callbacks=[lines],
                                   failure_config=tune.FailureConfig(max_failures=study.max_retries)),
     )
-    ray_ready = time.time()
+    fit_started = time.time()
     tuner.fit()
-    wall = time.time() - started
-    busy = lines.busy_seconds()
-    summary.update(wall_seconds=wall, ray_start_seconds=ray_ready - started, trial_seconds=busy,
-                   overhead_seconds=wall - busy, overhead_fraction=(wall - busy) / wall if wall else 0.0)
+    ended = time.time()
+    wall, busy = ended - started, lines.busy_seconds()
+    parts = {"storage_seconds": storage_ready - started, "ray_start_seconds": ray_ready - storage_ready,
+             "workers_start_seconds": (lines.first_start() or ended) - fit_started}
+    summary.update(wall_seconds=wall, trial_seconds=busy, overhead_seconds=wall - busy,
+                   overhead_fraction=(wall - busy) / wall if wall else 0.0, **parts,
+                   scheduling_seconds=wall - busy - sum(parts.values()))
     runs = ot_study.user_attrs.get("sweeps", [])
     ot_study.set_user_attr("sweeps", [*runs, {k: v for k, v in summary.items() if k != "storage"}])
     return summary

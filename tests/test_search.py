@@ -75,6 +75,9 @@ def test_sweep_runs_end_to_end_and_front_is_non_dominated(tmp_path, ray_session,
     records = list((tmp_path / "runs" / "tiny" / "trials").glob("*/seed0.json"))
     assert len(records) == 6
     assert 0 <= summary["overhead_fraction"] < 1 and summary["trial_seconds"] > 0
+    parts = [summary[k] for k in ("storage_seconds", "ray_start_seconds", "workers_start_seconds")]
+    assert all(p >= 0 for p in parts)  # the rest of the overhead is scheduling:
+    assert summary["scheduling_seconds"] == pytest.approx(summary["overhead_seconds"] - sum(parts))
     # `qlsearch status` shows the same trials and front
     assert main(["status", "tiny", "--root", str(tmp_path / "runs"), "--json"]) == 0
     status = json.loads(capsys.readouterr().out)

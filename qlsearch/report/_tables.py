@@ -24,6 +24,7 @@ from qlsearch.report._data import (
     trial_label,
     write_csv,
 )
+from qlsearch.status import OVERHEAD_PARTS
 
 STATES = {"COMPLETE": "completed", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting",
           "PRUNED": "pruned"}
@@ -226,16 +227,17 @@ def _sweeps_table(data: StudyData, folder: Path) -> Table | None:
     sweeps = data.user_attrs.get("sweeps") or []
     if not sweeps:
         return None
-    keys = ["started", "wall_seconds", "trial_seconds", "overhead_seconds", "overhead_fraction", "ray_start_seconds"]
+    parts = [key for key, _ in OVERHEAD_PARTS]
+    keys = ["started", "wall_seconds", "trial_seconds", "overhead_seconds", "overhead_fraction", *parts]
     write_csv(folder, "sweeps", ["sweep", *keys], [[i + 1, *(s.get(k) for k in keys)] for i, s in enumerate(sweeps)])
     rows = []
     for i, s in enumerate(sweeps):
         fraction = s.get("overhead_fraction")
         rows.append([str(i + 1), str(s.get("started", "")), *(fmt(s.get(k)) for k in keys[1:4]),
-                     f"{100 * fraction:.1f}%" if fraction is not None else "", fmt(s.get("ray_start_seconds"))])
-    return Table("sweeps", "Sweeps: time outside the trials (Ray start-up, scheduling, Optuna writes)",
-                 ["sweep", "trials started", "wall s", "in trials s", "overhead s", "overhead", "Ray start s"],
-                 rows)
+                     f"{100 * fraction:.1f}%" if fraction is not None else "", *(fmt(s.get(k)) for k in parts)])
+    return Table("sweeps", "Sweeps: time outside the trials, and where it went",
+                 ["sweep", "trials started", "wall s", "in trials s", "overhead s", "overhead",
+                  *(f"{label} s" for _, label in OVERHEAD_PARTS)], rows)
 
 
 def table_sections(data: StudyData, folder: Path) -> list[Section]:

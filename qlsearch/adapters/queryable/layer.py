@@ -1,8 +1,8 @@
 """The adapted linear: ``y = W0 x + (alpha/r) B (s + g S_b s)``, ``s = A dropout(x)``.
 
 The forward is a handful of tensor ops (DESIGN.md, "Where the time goes"): the
-route ``S_b`` is computed once per block (by the block's first state
-projection) and only read here. While decoding, the route is held, so
+route ``S_b`` and every projection's ``(I + g S_b)^T`` are computed once per
+block (by the block's first state projection) and only read here. While decoding, the route is held, so
 ``(alpha/r)(I + g S_b) A`` is folded once per route into a per-example factor
 and each step costs one batched matmul, as LoRA's does.
 """
@@ -20,20 +20,21 @@ from qlsearch.adapters.queryable.state import RoutingState
 
 
 class QueryableLinear(nn.Module):
-    """One adapted projection. ``A``, ``B`` and the gate ``eta`` are its own; ``S_b`` is its block's.
+    """One adapted projection. ``A`` and ``B`` are its own; ``S_b`` is its block's, and its
+    gate logit ``eta`` is entry ``index`` of the router's ``gate_logits``.
 
-    Placement in the model is set by ``QueryableModel``: ``unit`` and ``block``
-    indices, and on the first state projection of each unit, ``state_layers``
-    (the unit's Q, K, V projections, whose mean state is the unit state).
+    Placement in the model is set by ``QueryableModel``: ``unit``, ``block``, ``index``
+    and ``slot`` (its position among the block's projections), and on the first state
+    projection of each unit, ``state_layers`` (the unit's Q, K, V projections, whose
+    mean state is the unit state).
     """
 
-    def __init__(self, base_layer: nn.Linear, r: int, scaling: float, dropout: float, init_gate: float):
+    def __init__(self, base_layer: nn.Linear, r: int, scaling: float, dropout: float):
         super().__init__()
         self.base_layer = base_layer
         w = base_layer.weight
         self.lora_A = nn.Parameter(torch.empty(r, base_layer.in_features, device=w.device, dtype=w.dtype))
         self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, r, device=w.device, dtype=w.dtype))
-        self.gate_logit = nn.Parameter(torch.full((), float(init_gate), device=w.device, dtype=w.dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT LoRA's initialisation
         self.dropout = nn.Dropout(dropout)
         self.dropout_p = dropout  # skip the dropout call entirely when it is off
@@ -41,6 +42,8 @@ class QueryableLinear(nn.Module):
         self.r = r
         self.unit = 0
         self.block = 0
+        self.index = 0
+        self.slot = 0
         self.is_entry = False
         self._shared: tuple[AtomRouter, RoutingState] | None = None  # a tuple: not a submodule
         self.state_layers: tuple[QueryableLinear, ...] = ()
@@ -50,7 +53,7 @@ class QueryableLinear(nn.Module):
     @property
     def gate(self) -> Tensor:
         """``g = sigmoid(eta)``."""
-        return torch.sigmoid(self.gate_logit)
+        return torch.sigmoid(self._shared[0].gate_logits[self.index])
 
     def forward(self, x: Tensor) -> Tensor:
         router, state = self._shared
@@ -66,9 +69,12 @@ class QueryableLinear(nn.Module):
                 "block's other adapted projections (is the model's forward order unusual?)"
             )
         s = F.linear(self.dropout(x) if self.dropout_p else x, self.lora_A)
-        s3 = s if s.dim() == 3 else s.reshape(route.operator_t.shape[0], -1, self.r)
-        t = torch.baddbmm(s3, s3, route.operator_t * self.gate_logit.sigmoid())  # s + g s S^T
-        return torch.add(self.base_layer(x), F.linear(t.view_as(s), self.lora_B), alpha=self.scaling)
+        mixer_t = route.mixers_t[self.slot]
+        if s.dim() == 3:
+            t = torch.bmm(s, mixer_t)  # s (I + g S)^T = s + g s S^T
+        else:  # (batch, r) or (batch, ..., r): one example per leading row
+            t = torch.bmm(s.reshape(mixer_t.shape[0], -1, self.r), mixer_t).view_as(s)
+        return torch.add(self.base_layer(x), F.linear(t, self.lora_B), alpha=self.scaling)
 
     def _record_unit_state(self, x: Tensor, router: AtomRouter, state: RoutingState) -> None:
         """Unit state: mean over the unit's Q, K, V of the token-averaged ``A^p x`` (eq. 15-16).
@@ -87,7 +93,8 @@ class QueryableLinear(nn.Module):
         route = state.routes[self.block]
         if self._folded_for is not route:  # a new route (a new generate call): fold it once
             A = self.lora_A
-            self._folded = self.scaling * (A + self.gate * (route.operator @ A))  # (batch, r, d_in)
+            mixer = route.mixers_t[self.slot].transpose(1, 2)  # I + g S_b
+            self._folded = self.scaling * (mixer @ A)  # (batch, r, d_in)
             self._folded_for = route
         folded = self._folded
         x3 = x.reshape(folded.shape[0], -1, x.shape[-1])

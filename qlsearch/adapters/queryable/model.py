@@ -100,17 +100,21 @@ class QueryableModel(AdapterModel):
         first = base_model.get_submodule(units[0][0]).weight
         block_of = {u: b for b, members in enumerate(blocks) for u in members}
         c = config
+        block_sizes = [sum(len(units[u]) for u in members) for members in blocks]
         with seeded(config.seed):
-            self.router = AtomRouter(config).to(device=first.device, dtype=first.dtype)
+            self.router = AtomRouter(config, block_sizes).to(device=first.device, dtype=first.dtype)
             self.state = RoutingState(blocks=blocks)
+            index = 0
             for unit, names in enumerate(units):
                 layers = [
-                    self.replace(name, lambda base: QueryableLinear(base, c.r, c.scaling, c.dropout, c.init_gate))
+                    self.replace(name, lambda base: QueryableLinear(base, c.r, c.scaling, c.dropout))
                     for name in names
                 ]
                 for layer in layers:
-                    layer.unit, layer.block = unit, block_of[unit]
+                    layer.unit, layer.block, layer.index = unit, block_of[unit], index
+                    layer.slot = index - self.router.gate_slices[layer.block].start
                     layer._shared = (self.router, self.state)
+                    index += 1
                 state_layers = [
                     layer for name, layer in zip(names, layers, strict=True)
                     if name.rsplit(".", 1)[-1] in config.state_modules
@@ -172,9 +176,7 @@ class QueryableModel(AdapterModel):
                     "route_mask: the attention_mask is not 2-D (batch x tokens); pass route_mask"
                 )
         instruction = _rows_for(self._pending_instruction, batch, "instruction")
-        state.begin(token_weights_from_mask(_rows_for(mask, batch, "route_mask")), instruction)
-        if instruction is not None and self.config.tau_lang != 0:
-            state.log_prior = self.router.language_log_prior(instruction)
+        state.begin(token_weights_from_mask(_rows_for(mask, batch, "route_mask")), instruction, self.router)
         self._prefilled = self._generating
 
     @staticmethod

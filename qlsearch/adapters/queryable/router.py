@@ -13,16 +13,23 @@ Decisions where the paper is ambiguous (DESIGN.md decides):
 * The layer prior ``w`` exists once per block: the paper lists ``w_l`` for every
   layer but only reads ``w`` of each block's entry layer (eq. 26), so the other
   ``w_l`` would be parameters that never receive a gradient.
+* The gates ``g_p = sigmoid(eta_p)`` of all adapted projections are one vector
+  here, not a scalar per layer: each block reads its projections' gates as one
+  slice, so gating costs one op per block, and the optimizer steps one tensor
+  instead of one per projection (the parameters are the same).
 * ``Q_ctx`` and ``R_ctx`` exist in the plain adapter too (Table 6 counts the same
   parameters for both variants); with ``tau_lang = lambda_ctx = 0`` they are unused.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qlsearch.adapters.queryable.config import QueryableConfig
@@ -32,7 +39,7 @@ RMS_EPS = 1e-6
 
 def rms_norm(x: Tensor, eps: float = RMS_EPS) -> Tensor:
     """``x / RMS_eps(x)`` over the last dimension (no learnable weight)."""
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return F.rms_norm(x, x.shape[-1:], eps=eps)
 
 
 def top_k_softmax(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -54,13 +61,21 @@ class Route:
     active: Tensor  # (batch, k) active atom ids
     beta: Tensor | None  # (batch, blocks before this one) depth-summary weights; None for block 0
     operator: Tensor  # (batch, r, r) S_b
-    operator_t: Tensor  # S_b^T, made once per block for the projections' row-vector products
+    #: ``(I + g_p S_b)^T`` (batch, r, r) for each of the block's projections, in forward
+    #: order: made once per block, so each projection's routed update ``s (I + g_p S_b)^T``
+    #: is one ``bmm`` (whose backward is one op shorter than ``s + s (g_p S_b)^T``'s)
+    mixers_t: tuple[Tensor, ...]
 
 
 class AtomRouter(nn.Module):
-    """Atoms ``C_m`` with keys ``k_m``, and the maps that turn a block's state into a route."""
+    """Atoms ``C_m`` with keys ``k_m``, the maps that turn a block's state into a route,
+    and the gate logits ``eta_p`` of the adapted projections.
 
-    def __init__(self, config: QueryableConfig):
+    ``block_sizes`` counts the adapted projections of each block, in forward order
+    (empty: a router with no projections to gate, as the theory tests use).
+    """
+
+    def __init__(self, config: QueryableConfig, block_sizes: Sequence[int] = ()):
         super().__init__()
         c = config
         self.config = c
@@ -75,11 +90,20 @@ class AtomRouter(nn.Module):
         self.depth_key = nn.Linear(c.r, c.d_k, bias=False)  # Q_dep,k
         self.query_ctx = nn.Linear(c.instruction_dim, c.d_k, bias=False)  # Q_ctx
         self.prior_ctx = nn.Linear(c.instruction_dim, c.d_k, bias=False)  # R_ctx
+        self.gate_logits = nn.Parameter(torch.full((sum(block_sizes),), float(c.init_gate)))  # eta_p
+        bounds = list(itertools.accumulate(block_sizes, initial=0))
+        self.gate_slices = [slice(lo, hi) for lo, hi in itertools.pairwise(bounds)]
 
-    def language_log_prior(self, instruction: Tensor) -> Tensor:
+    def normed_keys(self) -> Tensor:
+        """``RMSNorm(k_m)`` (M x d_k). The same for every block: a forward makes it once
+        and passes it as ``keys`` to each route."""
+        return rms_norm(self.keys)
+
+    def language_log_prior(self, instruction: Tensor, keys: Tensor | None = None) -> Tensor:
         """``log p(c)`` over atoms, ``p_m ∝ exp(<RMSNorm(R_ctx e), RMSNorm(k_m)> / (sqrt(d_k) T_lang))``."""
         c = self.config
-        rho = rms_norm(self.prior_ctx(instruction)) @ rms_norm(self.keys).T
+        keys = self.normed_keys() if keys is None else keys
+        rho = rms_norm(self.prior_ctx(instruction)) @ keys.T
         return torch.log_softmax(rho / (math.sqrt(c.d_k) * c.T_lang), dim=-1)
 
     def depth_summary(self, pre_query: Tensor, block_means: Tensor) -> tuple[Tensor, Tensor]:
@@ -87,17 +111,24 @@ class AtomRouter(nn.Module):
 
         ``pre_query`` is ``q0`` (batch x d_k); ``block_means`` stacks ``sbar_i``
         (batch x i x r). Returns ``(u, beta)``.
+
+        With one completed block the softmax is exactly 1 and its gradient exactly
+        0, so the attention is skipped: ``u = sbar_0`` (``Q_dep,q`` and ``Q_dep,k``
+        then get no gradient from this block rather than a zero one).
         """
         c = self.config
+        if block_means.shape[1] == 1:
+            return block_means[:, 0], block_means.new_ones(block_means.shape[0], 1)
         q = rms_norm(self.depth_query(pre_query)).unsqueeze(-1)  # (b, d_k, 1)
         keys = rms_norm(self.depth_key(block_means))  # (b, i, d_k)
         beta = torch.softmax((keys @ q).squeeze(-1) / (math.sqrt(c.d_k) * c.T_dep), dim=-1)
         return (beta.unsqueeze(1) @ block_means).squeeze(1), beta
 
-    def logits(self, query: Tensor, log_prior: Tensor | None) -> Tensor:
-        """Fused logits ``zeta + tau_lang log p`` (eq. 3 / 36)."""
+    def logits(self, query: Tensor, log_prior: Tensor | None, keys: Tensor | None = None) -> Tensor:
+        """Fused logits ``zeta + tau_lang log p`` (eq. 3 / 36); ``keys`` as ``normed_keys()`` gives."""
         c = self.config
-        zeta = rms_norm(query) @ rms_norm(self.keys).T / (math.sqrt(c.d_k) * c.T_attn)
+        keys = self.normed_keys() if keys is None else keys
+        zeta = rms_norm(query) @ keys.T / (math.sqrt(c.d_k) * c.T_attn)
         if log_prior is not None and c.tau_lang != 0:
             zeta = zeta + c.tau_lang * log_prior
         return zeta
@@ -109,11 +140,13 @@ class AtomRouter(nn.Module):
         block_means: Tensor | None,
         instruction: Tensor | None,
         log_prior: Tensor | None,
+        keys: Tensor | None = None,
     ) -> Route:
         """Route block ``block`` from its entry state (batch x r).
 
         ``block_means`` stacks the completed blocks' mean states (batch x block x r),
-        None for the first block; ``instruction`` is ``e(c)`` (batch x d_e) or None.
+        None for the first block; ``instruction`` is ``e(c)`` (batch x d_e) or None;
+        ``keys`` is ``normed_keys()``, made once per forward (None: made here).
         """
         c = self.config
         query = self.block_prior[block] + self.query_cur(entry_state)
@@ -123,6 +156,8 @@ class AtomRouter(nn.Module):
         if block_means is not None:
             summary, beta = self.depth_summary(query, block_means)
             query = query + self.query_dep(summary)
-        alpha, active = top_k_softmax(self.logits(query, log_prior), c.top_k)
+        alpha, active = top_k_softmax(self.logits(query, log_prior, keys), c.top_k)
         operator = (alpha @ self.atoms.flatten(1)).view(-1, c.r, c.r)
-        return Route(alpha, active, beta, operator, operator.transpose(1, 2))
+        gates = self.gate_logits[self.gate_slices[block]].sigmoid().view(-1, 1, 1, 1)
+        eye = torch.eye(c.r, device=operator.device, dtype=operator.dtype)
+        return Route(alpha, active, beta, operator, torch.addcmul(eye, gates, operator.transpose(1, 2)).unbind(0))

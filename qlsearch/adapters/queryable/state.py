@@ -23,6 +23,7 @@ class RoutingState:
     token_weights: Tensor | None = None
     instruction: Tensor | None = None  # e(c), (batch, d_e)
     log_prior: Tensor | None = None  # log p(c), (batch, M); the same for every block
+    keys: Tensor | None = None  # RMSNorm(k_m), (M, d_k); the same for every block
     unit_states: dict[int, Tensor] = field(default_factory=dict)  # unit -> (batch, r)
     block_means: dict[int, Tensor] = field(default_factory=dict)  # block -> sbar_b
     routes: dict[int, Route] = field(default_factory=dict)
@@ -31,11 +32,15 @@ class RoutingState:
     #: Fold (alpha/r)(I + g S_b) A into one factor while routes are held (exact up to rounding).
     fold: bool = True
 
-    def begin(self, token_weights: Tensor | None, instruction: Tensor | None) -> None:
-        """Start a new forward pass that computes its own routes."""
+    def begin(self, token_weights: Tensor | None, instruction: Tensor | None, router: AtomRouter) -> None:
+        """Start a new forward pass that computes its own routes (and the keys and
+        instruction prior that all of them read)."""
         self.token_weights = token_weights
         self.instruction = instruction
+        self.keys = router.normed_keys()
         self.log_prior = None
+        if instruction is not None and router.config.tau_lang != 0:
+            self.log_prior = router.language_log_prior(instruction, self.keys)
         # fresh dicts, not clear(): a compiled forward then never guards on the last one's keys
         self.unit_states, self.block_means, self.routes = {}, {}, {}
         self.hold = False
@@ -51,7 +56,7 @@ class RoutingState:
             last = self.blocks[block - 1]
             self.block_means[block - 1] = torch.stack([self.unit_states[u] for u in last]).mean(0)
             means = torch.stack([self.block_means[i] for i in range(block)], dim=1)
-        self.routes[block] = router.route(block, entry_state, means, self.instruction, self.log_prior)
+        self.routes[block] = router.route(block, entry_state, means, self.instruction, self.log_prior, self.keys)
 
     def token_mean(self, x: Tensor) -> Tensor:
         """Mask-aware average of ``x`` (batch x tokens x d) over the tokens the route may see."""
