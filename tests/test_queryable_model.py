@@ -60,6 +60,24 @@ def test_units_share_one_route_per_block_and_blocks_are_contiguous():
     assert len(entries) == 3 and all(len(e.state_layers) == 3 for e in entries)  # q, k, v
 
 
+def test_each_projection_reads_its_own_gate():
+    """The gates are one vector in the router; entry ``index`` is projection ``index``'s, and a
+    block's projections are one slice, read in forward order."""
+    model = adapted("qwen2", num_blocks=3)
+    layers = [m for m in model.modules() if isinstance(m, QueryableLinear)]
+    router = model.router
+    assert router.gate_logits.numel() == len(layers)
+    assert [layer.index for layer in layers] == list(range(len(layers)))
+    for layer in layers:
+        assert router.gate_slices[layer.block].start + layer.slot == layer.index
+    x = tokens()
+    before = run(model, x)
+    with torch.no_grad():  # closing one projection's gate changes the output through it alone
+        router.gate_logits[layers[9].index] = -torch.inf
+    assert layers[9].gate == 0 and all(layer.gate > 0 for layer in layers if layer is not layers[9])
+    assert not torch.equal(run(model, x), before)
+
+
 def test_parameter_count_formula_matches_at_the_qwen_shape():
     cfg = QueryableConfig(r=8, num_atoms=16, top_k=4, num_blocks=4)
     shapes = [(896, 896), (896, 128), (896, 128), (896, 896), (896, 4864), (896, 4864), (4864, 896)] * 24

@@ -134,6 +134,16 @@ def test_depth_summary_bounded_by_block_means():
         assert (u.norm(dim=-1) <= means.norm(dim=-1).max(-1).values + 1e-5).all()
 
 
+def test_depth_summary_of_one_block_is_that_block():
+    """With one completed block the softmax over one logit is exactly 1: u = sbar_0."""
+    router = AtomRouter(QueryableConfig(r=4, d_k=16))
+    means = torch.randn(5, 1, 4)
+    u, beta = router.depth_summary(torch.randn(5, 16), means)
+    assert torch.equal(u, means[:, 0]) and torch.equal(beta, torch.ones(5, 1))
+    logits = torch.randn(5, 1)  # whatever the attention logit, its softmax is 1
+    assert torch.equal(torch.softmax(logits, dim=-1), beta)
+
+
 def test_route_maximises_utility_minus_kl_to_tempered_prior():
     """Thm 5.1: on the active set, alpha = argmax_a <a, zeta> - KL(a || prior^tau), unique."""
     torch.manual_seed(3)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from qlsearch.report._data import Section, StudyData, Table, fmt
+from qlsearch.status import OVERHEAD_PARTS, overhead_breakdown
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto; max-width: 1200px;
@@ -111,8 +112,11 @@ def _get_header(data: StudyData) -> Header:
     if sweeps:
         wall = sum(s.get("wall_seconds") or 0.0 for s in sweeps)
         busy = sum(s.get("trial_seconds") or 0.0 for s in sweeps)
+        parts = {key: sum(sw.get(key) or 0.0 for sw in sweeps) for key, _ in OVERHEAD_PARTS
+                 if any(sw.get(key) is not None for sw in sweeps)}
+        where = f" ({overhead_breakdown(parts)})" if parts else ""
         rows.append(("sweep overhead", f"{len(sweeps)} sweep(s), {fmt(wall)} s wall, {fmt(busy)} s in trials: "
-                     f"{fmt(wall - busy)} s ({100 * (wall - busy) / wall:.1f}%) outside them" if wall else
+                     f"{fmt(wall - busy)} s ({100 * (wall - busy) / wall:.1f}%) outside them{where}" if wall else
                      f"{len(sweeps)} sweep(s), nothing run"))
     else:
         rows.append(("sweep overhead", "not recorded (no `sweeps` attribute on the study)"))

@@ -1,10 +1,10 @@
 """The adapted linear: ``y = W0 x + (alpha/r) B (s + g S_b s)``, ``s = A dropout(x)``.
 
 The forward is a handful of tensor ops (DESIGN.md, "Where the time goes"): the
-route ``S_b`` and every projection's ``(I + g S_b)^T`` are computed once per
-block (by the block's first state projection) and only read here. While decoding, the route is held, so
-``(alpha/r)(I + g S_b) A`` is folded once per route into a per-example factor
-and each step costs one batched matmul, as LoRA's does.
+route ``S_b`` and every projection's mixer ``(I + g S_b)^T`` are computed once per
+block (by the block's first state projection) and only read here. While decoding,
+the route is held, so ``(alpha/r)(I + g S_b) A`` is folded once per route into a
+per-example factor and each step costs one batched matmul, as LoRA's does.
 """
 
 from __future__ import annotations

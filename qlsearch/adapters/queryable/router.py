@@ -63,7 +63,9 @@ class Route:
     operator: Tensor  # (batch, r, r) S_b
     #: ``(I + g_p S_b)^T`` (batch, r, r) for each of the block's projections, in forward
     #: order: made once per block, so each projection's routed update ``s (I + g_p S_b)^T``
-    #: is one ``bmm`` (whose backward is one op shorter than ``s + s (g_p S_b)^T``'s)
+    #: is one ``bmm`` (whose backward is one op shorter than ``s + s (g_p S_b)^T``'s).
+    #: In bf16 the diagonal ``1 + g S_ii`` rounds to bf16's spacing near 1, an error of
+    #: the size of the rounding of the result ``t`` itself.
     mixers_t: tuple[Tensor, ...]
 
 
