@@ -30,13 +30,16 @@ quickstart: setup
 	$(BIN)/qlsearch status quickstart
 	$(BIN)/qlsearch report quickstart
 
-# The routed-adapter benchmarks of benchmarks/README.md, on this machine.
+# The routed-adapter benchmarks of benchmarks/README.md on this machine (all but the batch-8 run).
 bench: setup
 	$(BIN)/qlsearch profile --model benchmarks/configs/launch-bound \
 		--methods lora,dora,replora,hyra,doran,queryable,instr-queryable \
 		--batch 1 --seq 1 --threads 1 --repeats 40 --out benchmarks/results/launch-bound
 	$(BIN)/qlsearch profile --model benchmarks/configs/qwen2.5-0.5b --methods lora,queryable,instr-queryable \
 		--batch 1 --seq 128 --skip train --repeats 5 --warmup 1 --threads 1 --out benchmarks/results/qwen2.5-0.5b
+	$(BIN)/qlsearch profile --model benchmarks/configs/qwen2.5-0.5b --methods lora,queryable,instr-queryable \
+		--batch 1 --seq 128 --skip decode,flops --repeats 5 --warmup 1 --threads 2 \
+		--out benchmarks/results/qwen2.5-0.5b
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
