@@ -68,6 +68,16 @@ def _get_dynamics_info(data: StudyData) -> DynamicsInfo:
     return DynamicsInfo(norms, concentration)
 
 
+def _finish(fig, ax, xlabel: str, ylabel: str, folder: Path, stem: str) -> None:
+    """Integer x ticks, labels, a light grid, the legend outside on the right; then save."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    fig.legend(loc="outside right upper", fontsize=8, frameon=False)
+    save_figure(fig, folder, stem)
+
+
 def _plot_layer_norms(info: DynamicsInfo, folder: Path, stem: str) -> None:
     fig, axes = new_figure(1, 1, figsize=(8.5, 4.0))
     ax = axes[0][0]
@@ -81,12 +91,7 @@ def _plot_layer_norms(info: DynamicsInfo, folder: Path, stem: str) -> None:
     values = [v for line in info.layer_norms for v in line.mean if v > 0]
     if values and max(values) / min(values) > 50:
         ax.set_yscale("log")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("adapted layer (input to output)")
-    ax.set_ylabel("adapter gradient norm (last epoch)")
-    ax.grid(True, alpha=0.3)
-    fig.legend(loc="outside right upper", fontsize=8, frameon=False)
-    save_figure(fig, folder, stem)
+    _finish(fig, ax, "adapted layer (input to output)", "adapter gradient norm (last epoch)", folder, stem)
 
 
 def _plot_concentration(info: DynamicsInfo, folder: Path, stem: str) -> None:
@@ -94,12 +99,7 @@ def _plot_concentration(info: DynamicsInfo, folder: Path, stem: str) -> None:
     ax = axes[0][0]
     for line in info.concentration:
         ax.plot(line.epochs, line.mean, marker="o", markersize=3, linewidth=1.3, label=line.label)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("gradient concentration index (max/mean)")
-    ax.grid(True, alpha=0.3)
-    fig.legend(loc="outside right upper", fontsize=8, frameon=False)
-    save_figure(fig, folder, stem)
+    _finish(fig, ax, "epoch", "gradient concentration index (max/mean)", folder, stem)
 
 
 def dynamics_section(data: StudyData, figures: Path) -> Section:
