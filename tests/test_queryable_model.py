@@ -83,8 +83,19 @@ def test_parameter_count_formula_matches_at_the_qwen_shape():
     shapes = [(896, 896), (896, 128), (896, 128), (896, 896), (896, 4864), (896, 4864), (4864, 896)] * 24
     lora = sum(8 * (a + b) for a, b in shapes)
     assert lora == 4_399_104  # the paper's Table 6 LoRA row
-    extra = 168 + 16 * 64 + 16 * 64 + 4 * 64 + 3 * 8 * 64 + 64 * 64 + 2 * 384 * 64
-    assert parameter_count(cfg, shapes) == lora + extra
+    extra = 168 + 16 * 64 + 16 * 64 + 4 * 64 + 3 * 8 * 64 + 64 * 64
+    assert parameter_count(cfg, shapes) == lora + extra  # plain: no instruction maps
+    instructed = QueryableConfig(r=8, num_atoms=16, top_k=4, num_blocks=4, tau_lang=1.0, lambda_ctx=1.0)
+    assert parameter_count(instructed, shapes) == lora + extra + 2 * 384 * 64  # + Q_ctx, R_ctx
+
+
+def test_plain_queryable_creates_no_instruction_parameters():
+    plain = adapted("qwen2")
+    assert not [n for n, _ in plain.named_parameters() if "_ctx" in n]
+    only_query = adapted("qwen2", lambda_ctx=1.0)  # each channel brings only its own map
+    assert {n.split(".")[-2] for n, _ in only_query.named_parameters() if "_ctx" in n} == {"query_ctx"}
+    both = adapted("qwen2", tau_lang=1.0, lambda_ctx=1.0)
+    assert both.num_trainable_parameters() - plain.num_trainable_parameters() == 2 * 384 * both.config.d_k
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "bert"])

@@ -45,15 +45,22 @@ def list_methods() -> list[Method]:
     return [_REGISTRY[n] for n in sorted(_REGISTRY)]
 
 
-def attach(model: nn.Module, method: str, **knobs) -> nn.Module:
+def attach(model: nn.Module, method: str, precision: str | None = "mixed", **knobs) -> nn.Module:
     """Adapt ``model`` with ``method`` (a registry name) and return the adapted model.
 
     Only the adapter's parameters are left trainable. Knobs not given take the
-    method's defaults (``list_methods()`` shows them).
+    method's defaults (``list_methods()`` shows them). ``precision`` is the one
+    policy every method runs under (``qlsearch.adapters._precision``): ``"mixed"``
+    stores the trainable weights in float32 and computes in the model's dtype,
+    ``"model"`` stores them in the model's dtype.
 
     >>> adapted = attach(model, "queryable", r=8, num_atoms=16, top_k=4)
     """
-    return get_method(method).attach(model, **knobs)
+    from qlsearch.adapters._precision import PRECISIONS, apply_precision
+
+    if precision is not None and precision not in PRECISIONS:  # before any work is done
+        raise ValueError(f"precision: got {precision!r}; allowed: {', '.join(PRECISIONS)}")
+    return apply_precision(get_method(method).attach(model, **knobs), precision)
 
 
 def auxiliary_loss(model: nn.Module) -> torch.Tensor | float:

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from qlsearch.adapters import Method
+from qlsearch.adapters._precision import canonical_name
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -191,7 +192,9 @@ class AdapterModel(nn.Module):
     # ---- parameters, save and load ------------------------------------------------------
 
     def adapter_state_dict(self) -> dict[str, Tensor]:
-        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+        """The trainable tensors as stored, by their names without the precision policy's
+        parametrization (``canonical_name``), so a checkpoint loads under either policy."""
+        return {canonical_name(n): p.detach() for n, p in self.named_parameters() if p.requires_grad}
 
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -221,7 +224,8 @@ class AdapterModel(nn.Module):
                 f"adapter checkpoint {directory} does not fit this model: "
                 f"missing {missing[:3]}, unexpected {extra[:3]}"
             )
-        self.load_state_dict(tensors, strict=False)
+        stored = {canonical_name(n): n for n, p in self.named_parameters() if p.requires_grad}
+        self.load_state_dict({stored[n]: t for n, t in tensors.items()}, strict=False)
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, directory: str | Path):

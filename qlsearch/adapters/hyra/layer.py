@@ -1,8 +1,10 @@
 """The HyRA linear: ``y = W0 x + (alpha/r) [B_1 A_1; ...; B_H A_H] x``, factors from a hypernetwork.
 
-Head ``h`` owns output rows ``h d_head : (h+1) d_head``. The factors are generated
-from the head embeddings at every forward (a few small matmuls, independent of the
-batch), so the hypernetwork, not the factors, is what is trained and saved.
+Head ``h`` owns output rows ``h d_head : (h+1) d_head``. While training, the factors
+are generated from the head embeddings at every forward (a few small matmuls,
+independent of the batch), so the hypernetwork, not the factors, is what is trained
+and saved. Deployed, ``fold()`` generates them once and the forward is LoRA's: one
+``r H``-wide down projection and one block-diagonal up projection.
 """
 
 from __future__ import annotations
@@ -70,6 +72,16 @@ class HyRALinear(nn.Module):
         self.scaling = scaling
         self.num_heads = num_heads
         self.r = r
+        self._folded: tuple[Tensor, Tensor] | None = None
+
+    def fold(self) -> None:
+        """Generate the factors once and keep them; the forward stops calling the hypernetwork."""
+        with torch.no_grad():
+            A, B = self.hypernet()
+            self._folded = (A.flatten(0, 1).clone(), B.clone())
+
+    def unfold(self) -> None:
+        self._folded = None
 
     def delta_weight(self) -> Tensor:
         """``Delta W = (alpha/r) [B_1 A_1; ...; B_H A_H]`` (``d_out x d_in``), the heads stacked along rows."""
@@ -77,7 +89,13 @@ class HyRALinear(nn.Module):
         return self.scaling * torch.bmm(B, A).flatten(0, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        A, B = self.hypernet()
-        s = F.linear(self.dropout(x) if self.dropout_p else x, A.flatten(0, 1))  # (..., H r)
+        if self._folded is None:
+            A, B = self.hypernet()
+            A = A.flatten(0, 1)
+        elif self.training:
+            raise RuntimeError("this HyRA layer is folded; call unfold() before training it again")
+        else:
+            A, B = self._folded
+        s = F.linear(self.dropout(x) if self.dropout_p else x, A)  # (..., H r)
         update = torch.einsum("...hr,hdr->...hd", s.unflatten(-1, (self.num_heads, self.r)), B)
         return torch.add(self.base_layer(x), update.flatten(-2), alpha=self.scaling)

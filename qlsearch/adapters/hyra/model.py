@@ -7,11 +7,14 @@ written down in ``baselines/hyra.toml`` (``assumptions``). The main ones:
 * one hypernetwork per adapted projection (per layer and target), shared by its heads;
   ``z_h = tanh(W_1 e_h + b_1)``, ``A_h = W_A z_h + b_A``, ``B_h = W_B z_h + b_B``;
 * head ``h`` owns output rows ``h d_head:(h+1) d_head`` (for ``o_proj`` too);
-  heads from ``num_attention_heads`` (``num_key_value_heads`` for k/v), or the
-  ``num_heads`` knob;
+  HyRA adapts any linear: heads per linear = ``out_features / head_dim`` (the
+  model's attention head width; so k/v get the key/value heads under GQA and an
+  MLP projection ``intermediate / head_dim``), with the fallback of ``head_count``
+  where that does not divide; the ``num_heads`` knob sets one count for every linear;
 * ``W_B = b_B = 0`` at init, so the adapted model equals the base exactly;
-* default targets q, k, v, o; our count (6,660,864 at Qwen2.5-0.5B, r = 8) is
-  the adapter alone and does not reproduce Table 6's 147,922,752.
+* default targets q, k, v, o (studies and ``qlsearch profile`` pass their own);
+  our count is the adapter alone and does not reproduce Table 6's 147,922,752;
+* deployed with its factors generated once (``fold``): the forward then costs LoRA's.
 """
 
 from __future__ import annotations
@@ -24,29 +27,34 @@ from qlsearch.adapters._wrapper import AdapterModel, find_linears, seeded
 from qlsearch.adapters.hyra.config import DEFAULT_TARGETS, HyRAConfig
 from qlsearch.adapters.hyra.layer import HyRALinear
 
-#: Projections whose heads are the key/value heads (grouped-query attention).
-KV_PROJECTIONS = ("k_proj", "v_proj")
-
-
 def find_targets(model: nn.Module, config: HyRAConfig) -> list[str]:
     """Names of the linears to adapt (``target_modules``, else the attention projections), in module order."""
     return find_linears(model, config.target_modules, DEFAULT_TARGETS)
 
 
-def head_count(model: nn.Module, name: str, config: HyRAConfig) -> int:
-    """Heads of the linear ``name``: ``config.num_heads``, else the model config's attention heads."""
-    if config.num_heads is not None:
-        return config.num_heads
+def head_dim(model: nn.Module) -> int | None:
+    """The attention head width of the model config (``head_dim``, else
+    ``hidden_size / num_attention_heads``); None for a model without attention heads."""
     model_config = getattr(model, "config", None)
+    width = getattr(model_config, "head_dim", None)
     heads = getattr(model_config, "num_attention_heads", None)
-    if heads is None:
-        raise ValueError(
-            "num_heads: got None; allowed: an integer >= 1 (this model has no config with "
-            "num_attention_heads to read the head count from)"
-        )
-    if name.rsplit(".", 1)[-1] in KV_PROJECTIONS:
-        heads = getattr(model_config, "num_key_value_heads", None) or heads
-    return heads
+    hidden = getattr(model_config, "hidden_size", None)
+    if width is None and heads and hidden:
+        width = hidden // heads
+    return width
+
+
+def head_count(out_features: int, width: int) -> int:
+    """Heads of a linear with ``out_features`` rows when a head is ``width`` rows wide.
+
+    ``out_features / width`` where that divides (q, k, v, o and Qwen2.5's 4864-wide
+    gate/up: 76 heads of 64). Fallback where it does not: the largest divisor of
+    ``out_features`` not above ``out_features / width``, so every head is at least
+    ``width`` rows and the heads tile the rows exactly (1 head for a linear narrower
+    than one head).
+    """
+    most = max(1, out_features // width)
+    return next(h for h in range(most, 0, -1) if out_features % h == 0)
 
 
 def parameter_count(config: HyRAConfig, shapes: Sequence[tuple[int, int, int]]) -> int:
@@ -75,11 +83,17 @@ class HyRAModel(AdapterModel):
 
     method = "hyra"
     config_class = HyRAConfig
+    inference_form_name = "folded"
 
     def __init__(self, base_model: nn.Module, config: HyRAConfig):
         super().__init__(base_model, config)
         names = find_targets(base_model, config)
-        heads = {n: head_count(base_model, n, config) for n in names}
+        width = head_dim(base_model)
+        if config.num_heads is None and width is None:
+            raise ValueError("num_heads: got None; allowed: an integer >= 1 (this model has no config "
+                             "with num_attention_heads to read the head width from)")
+        heads = {n: config.num_heads or head_count(base_model.get_submodule(n).out_features, width)
+                 for n in names}
         c = config
         with seeded(config.seed):
             for name in names:
@@ -88,6 +102,20 @@ class HyRAModel(AdapterModel):
                         base, h, c.r, c.scaling, c.dropout, c.embed_dim, c.hidden_dim))
                 except ValueError as err:
                     raise ValueError(f"{err} (at {name})") from None
+
+    def fold(self) -> None:
+        """Generate every head's factors once and keep them (outputs unchanged); ``unfold()``
+        before training again."""
+        for layer in self.adapted_layers():
+            layer.fold()
+
+    def unfold(self) -> None:
+        for layer in self.adapted_layers():
+            layer.unfold()
+
+    def load_adapter(self, directory) -> None:
+        super().load_adapter(directory)
+        self.unfold()  # folded factors, if any, came from the old weights
 
     def num_trainable_parameters(self) -> int:
         """Equals ``parameter_count(config, adapted_shapes())``."""

@@ -65,12 +65,14 @@ def parameter_count(config: QueryableConfig, shapes: Sequence[tuple[int, int]]) 
     ``+ M r^2 + M d_k``               (atoms and keys)
     ``+ B d_k``                       (block priors w)
     ``+ 3 r d_k + d_k^2``             (Q_cur, Q_dep, Q_dep,k; Q_dep,q)
-    ``+ 2 d_e d_k``                   (Q_ctx, R_ctx)
+    ``+ d_e d_k [lambda_ctx > 0]``    (Q_ctx: the instruction's query channel)
+    ``+ d_e d_k [tau_lang > 0]``      (R_ctx: the instruction prior)
     """
     c = config
     per_projection = sum(c.r * (d_in + d_out) + 1 for d_in, d_out in shapes)
     memory = c.num_atoms * (c.r * c.r + c.d_k) + c.num_blocks * c.d_k
-    maps = 3 * c.r * c.d_k + c.d_k * c.d_k + 2 * c.instruction_dim * c.d_k
+    channels = (c.lambda_ctx > 0) + (c.tau_lang > 0)
+    maps = 3 * c.r * c.d_k + c.d_k * c.d_k + channels * c.instruction_dim * c.d_k
     return per_projection + memory + maps
 
 

@@ -17,8 +17,10 @@ Decisions where the paper is ambiguous (DESIGN.md decides):
   here, not a scalar per layer: each block reads its projections' gates as one
   slice, so gating costs one op per block, and the optimizer steps one tensor
   instead of one per projection (the parameters are the same).
-* ``Q_ctx`` and ``R_ctx`` exist in the plain adapter too (Table 6 counts the same
-  parameters for both variants); with ``tau_lang = lambda_ctx = 0`` they are unused.
+* ``Q_ctx`` exists only when ``lambda_ctx != 0`` and ``R_ctx`` only when
+  ``tau_lang != 0``: the plain adapter (both 0) never reads them, so it does not
+  carry them. (Table 6 counts the same parameters for both variants; we count what
+  each variant trains, ``2 d_e d_k`` apart.)
 """
 
 from __future__ import annotations
@@ -90,8 +92,9 @@ class AtomRouter(nn.Module):
         self.query_dep = nn.Linear(c.r, c.d_k, bias=False)  # Q_dep
         self.depth_query = nn.Linear(c.d_k, c.d_k, bias=False)  # Q_dep,q
         self.depth_key = nn.Linear(c.r, c.d_k, bias=False)  # Q_dep,k
-        self.query_ctx = nn.Linear(c.instruction_dim, c.d_k, bias=False)  # Q_ctx
-        self.prior_ctx = nn.Linear(c.instruction_dim, c.d_k, bias=False)  # R_ctx
+        # the instruction channels, only where they are on (no dead parameters)
+        self.query_ctx = nn.Linear(c.instruction_dim, c.d_k, bias=False) if c.lambda_ctx else None  # Q_ctx
+        self.prior_ctx = nn.Linear(c.instruction_dim, c.d_k, bias=False) if c.tau_lang else None  # R_ctx
         self.gate_logits = nn.Parameter(torch.full((sum(block_sizes),), float(c.init_gate)))  # eta_p
         bounds = list(itertools.accumulate(block_sizes, initial=0))
         self.gate_slices = [slice(lo, hi) for lo, hi in itertools.pairwise(bounds)]
