@@ -57,7 +57,7 @@ def _skip(text: str) -> list[str]:
 # ---- profile --------------------------------------------------------------------------------
 
 def _add_profile(subparsers: argparse._SubParsersAction) -> None:
-    from qlsearch.profiling._settings import DEVICES, DTYPES, SKIPPABLE, ProfileSettings
+    from qlsearch.profiling._settings import DEVICES, DTYPES, PRECISIONS, SKIPPABLE, ProfileSettings
 
     # every option but --json/--out is a ProfileSettings field: its default is read from there
     default = {f.name: f.default for f in dataclasses.fields(ProfileSettings)}
@@ -72,8 +72,12 @@ def _add_profile(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=default["batch"], help="examples per call")
     p.add_argument("--seq", type=int, default=default["seq"], help="prompt tokens per example")
     p.add_argument("--new-tokens", type=int, default=default["new_tokens"], help="decode length N")
-    p.add_argument("--dtype", choices=DTYPES, default=default["dtype"], help="weights and activations")
+    p.add_argument("--dtype", choices=DTYPES, default=default["dtype"],
+                   help="the frozen model's weights and activations")
     p.add_argument("--device", choices=DEVICES, default=default["device"], help="where to run")
+    p.add_argument("--precision", choices=PRECISIONS, default=default["precision"],
+                   help="every method's policy: mixed = float32 adapter weights cast to --dtype on use; "
+                        "model = adapter weights stored in --dtype")
     p.add_argument("--compile", action="store_true", help="torch.compile each model (forward, train)")
     p.add_argument("--repeats", type=int, default=default["repeats"], help="timed rounds")
     p.add_argument("--warmup", type=int, default=default["warmup"], help="untimed rounds first")

@@ -28,6 +28,7 @@ from qlsearch.train import History, TrialDiverged
 TASK_KINDS = ("synthetic", "text")
 INSTRUCTION_MODES = ("task", "none", "shuffled", "random")
 SYNTHETIC_BACKBONES = ("transformer", "mlp")
+DTYPES = ("float32", "bfloat16", "float16")
 PACKAGES = ("qlsearch", "torch", "transformers", "peft", "optuna", "ray", "datasets")
 
 
@@ -54,10 +55,21 @@ class TaskSpec:
     #: text, the instruction ablations of Table 8: "task" (the instruction as given), "none",
     #: "shuffled" (its words in a seeded random order), "random" (a random embedding of equal norm)
     instruction_mode: str = "task"
+    #: the backbone's dtype: its weights and the adapters' compute (``train.precision``
+    #: says how the adapters' own weights are stored)
+    dtype: str = "float32"
+    #: the linears every method adapts (names or name suffixes); None: every linear inside
+    #: the backbone's layers. One setting for all methods, never a method's own default.
+    targets: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in TASK_KINDS:
             raise ValueError(f"task.kind: got {self.kind!r}; allowed: {', '.join(TASK_KINDS)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"task.dtype: got {self.dtype!r}; allowed: {', '.join(DTYPES)}")
+        if self.targets is not None and not (
+                isinstance(self.targets, list) and self.targets and all(isinstance(t, str) and t for t in self.targets)):
+            raise ValueError(f"task.targets: got {self.targets!r}; allowed: a non-empty list of linear names")
         if self.instruction_mode not in INSTRUCTION_MODES:
             raise ValueError(f"task.instruction_mode: got {self.instruction_mode!r}; allowed: "
                              f"{', '.join(INSTRUCTION_MODES)}")
@@ -89,8 +101,16 @@ class TrainSpec:
     weight_decay: float = 0.0
     pretrain_epochs: int = 300  # synthetic backbones (the paper: 300 at lr 3e-3)
     pretrain_lr: float = 3e-3
+    #: how every method stores its trainable weights (``qlsearch.adapters._precision``):
+    #: "mixed" float32 weights and optimizer state, computed in the backbone's dtype;
+    #: "model" stored in the backbone's dtype
+    precision: str = "mixed"
 
     def __post_init__(self) -> None:
+        from qlsearch.adapters._precision import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision: got {self.precision!r}; allowed: {', '.join(PRECISIONS)}")
         for name in ("epochs", "batch_size", "eval_every", "pretrain_epochs"):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
@@ -120,6 +140,9 @@ class TrialConfig:
         if unknown:
             raise ValueError(f"knobs.{unknown[0]}: not a knob of {self.method}; allowed: "
                              f"{', '.join(sorted(method.knobs))}")
+        if "target_modules" in self.knobs:  # one setting, in one place, for every method
+            raise ValueError("knobs.target_modules: set task.targets instead; allowed: the method's "
+                             "other knobs")
 
     @classmethod
     def from_dict(cls, data: dict) -> TrialConfig:
@@ -192,8 +215,9 @@ def run_trial(config: TrialConfig, progress=None) -> dict:
     try:
         torch.manual_seed(config.seed)
         run = _run_synthetic if config.task.kind == "synthetic" else _run_text
-        metrics, history, profile = run(config, _device(config.device), progress)
-        record.update(status="completed", metrics=metrics, history=asdict(history), profile=profile)
+        metrics, history, profile, adapter = run(config, _device(config.device), progress)
+        record.update(status="completed", metrics=metrics, history=asdict(history), profile=profile,
+                      **adapter)
     except TrialDiverged as err:
         record.update(status="failed", failure=f"diverged: {err}")
     except torch.OutOfMemoryError as err:
@@ -215,12 +239,18 @@ def write_record(record: dict, path: str | Path) -> Path:
 # ---- the two experiment families --------------------------------------------------
 
 
-def _attach(model: nn.Module, config: TrialConfig, **defaults) -> nn.Module:
-    """The trial's method on ``model``; ``defaults`` fill knobs the trial leaves unset."""
-    knobs = {**defaults, **config.knobs}
+def _attach(model: nn.Module, config: TrialConfig, targets: list[str]) -> tuple[nn.Module, dict]:
+    """The trial's method on ``model``, adapting ``targets`` under ``train.precision``, and
+    what the record states about it: ``precision``, ``adapter_dtype``, ``compute_dtype``
+    and ``targets`` (the linears it adapted)."""
+    from qlsearch.adapters._precision import adapted_targets, precision_of
+
+    knobs = {**config.knobs, "target_modules": list(targets)}
     if "seed" in get_method(config.method).knobs:
         knobs.setdefault("seed", config.seed)  # the adapter's initialisation follows the trial seed
-    return attach(model, config.method, **knobs)
+    model = attach(model, config.method, precision=config.train.precision, **knobs)
+    return model, {"precision": config.train.precision, **precision_of(model),
+                   "targets": adapted_targets(model)}
 
 
 def _run_synthetic(config: TrialConfig, device: torch.device, progress):
@@ -233,9 +263,12 @@ def _run_synthetic(config: TrialConfig, device: torch.device, progress):
     splits = make_splits(task.name, config.seed)
     backbone = pretrained_backbone(task.name, task.backbone, config.seed, config.cache_dir,
                                    epochs=train.pretrain_epochs, lr=train.pretrain_lr, device=device)
-    # every linear of the layers, named (PEFT's "all-linear" only knows HF models)
-    model = _attach(backbone, config, target_modules=SYNTHETIC_TARGETS[task.backbone]).to(device)
-    on = [tuple(t.to(device) for t in pair) for pair in (splits.target_train, splits.target_test)]
+    # every linear of the layers, named (PEFT's "all-linear" only knows HF models); the
+    # backbone is pre-trained (and cached) in float32, then cast to the trial's dtype
+    dtype = getattr(torch, task.dtype)
+    model, adapter = _attach(backbone.to(dtype), config, task.targets or SYNTHETIC_TARGETS[task.backbone])
+    model = model.to(device)
+    on = [tuple(t.to(device, dtype) for t in pair) for pair in (splits.target_train, splits.target_test)]
     history = regression_fit(model, on[0], on[1], epochs=train.epochs, lr=train.lr,
                              batch_size=train.batch_size, seed=config.seed,
                              eval_every=train.eval_every, weight_decay=train.weight_decay,
@@ -247,12 +280,13 @@ def _run_synthetic(config: TrialConfig, device: torch.device, progress):
         model(x_test)
     metrics.update(_routing_summary(model))
     profile = profile_trained(model, (x_test[: train.batch_size],), {}) if config.profile else {}
-    return metrics, history, profile
+    return metrics, history, profile, adapter
 
 
 def _run_text(config: TrialConfig, device: torch.device, progress):
     from transformers import AutoTokenizer
 
+    from qlsearch.adapters._wrapper import layer_linear_names
     from qlsearch.adapters.queryable import QueryableModel
     from qlsearch.backbones import load_hf_model
     from qlsearch.profiling._trained import profile_trained
@@ -270,7 +304,8 @@ def _run_text(config: TrialConfig, device: torch.device, progress):
     tokenizer = AutoTokenizer.from_pretrained(task.backbone)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = _attach(load_hf_model(task.backbone, seed=config.seed, device=device), config)
+    backbone = load_hf_model(task.backbone, dtype=task.dtype, seed=config.seed, device=device)
+    model, adapter = _attach(backbone, config, task.targets or layer_linear_names(backbone))
     examples = {split: load_task(task.name, split, limit=limit, data_files=task.data_files, seed=config.seed)
                 for split, limit in (("train", task.limit_train), ("test", task.limit_test))}
     routed = isinstance(model, QueryableModel)  # takes the route mask and the instruction
@@ -303,7 +338,7 @@ def _run_text(config: TrialConfig, device: torch.device, progress):
     metrics.update(_routing_summary(model))
     sample = {k: encoded["test"][k][: train.batch_size].to(device) for k in ("input_ids", "attention_mask")}
     profile = profile_trained(model, (), sample) if config.profile else {}
-    return metrics, history, profile
+    return metrics, history, profile, adapter
 
 
 def _apply_instruction_mode(task: TaskSpec, examples: dict, model, seed: int) -> None:

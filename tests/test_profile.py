@@ -53,11 +53,12 @@ def result(qwen):
 def test_every_method_has_every_field(result):
     fields = {f.name for f in dataclasses.fields(MethodProfile)}
     data = json.loads(json.dumps(result.as_dict()))
-    assert list(data["methods"]) == [FROZEN, *METHODS]
+    # LoRA merged is LoRA's extra row on a float32 model (every precision is the same there)
+    assert list(data["methods"]) == [FROZEN, "lora", "lora@merged", *METHODS[1:]]
     for name, row in data["methods"].items():
         assert set(row) == fields, name
     assert {"cpu", "torch", "torch_threads", "gpu"} <= set(data["machine"])
-    assert data["settings"]["methods"] == [FROZEN, *METHODS]
+    assert data["settings"]["methods"] == list(data["methods"])
     assert data["settings"]["timer"] == "time.perf_counter"
 
 
@@ -69,7 +70,7 @@ def test_lora_ratios_are_exactly_one_and_all_ratios_positive(result):
         assert m.decode_tokens_per_s is None or m.decode_ratio > 0, name
         spread = m.forward_ms_spread
         assert spread["min"] <= spread["q25"] <= m.forward_ms <= spread["q75"] <= spread["max"]
-        if name != FROZEN:
+        if name not in (FROZEN, "lora@merged"):  # nothing trainable in either
             assert m.train_step_ms > 0 and m.train_ratio > 0, name
 
 
@@ -85,8 +86,9 @@ def test_parameter_counts_follow_the_formulas(result):
     lora = sum(8 * (d_in + d_out) for d_in, d_out in SHAPES)
     dora = lora + sum(d_out for _, d_out in SHAPES)  # one magnitude per output row
     queryable = parameter_count(QueryableConfig(r=8, **QUERYABLE), SHAPES)
-    expected = {FROZEN: 0, "lora": lora, "dora": dora, "queryable": queryable,
-                "instr-queryable": queryable}
+    instructed = parameter_count(QueryableConfig(r=8, tau_lang=1.0, lambda_ctx=1.0, **QUERYABLE), SHAPES)
+    expected = {FROZEN: 0, "lora": lora, "lora@merged": 0, "dora": dora, "queryable": queryable,
+                "instr-queryable": instructed}
     for name, m in result.methods.items():
         assert m.trainable_params == expected[name], name
         assert m.total_params == base + expected[name], name
@@ -190,3 +192,27 @@ def test_trace_writes_a_chrome_trace_per_method(qwen, tmp_path):
     for name in (FROZEN, "lora", "queryable"):
         (trace,) = (tmp_path / "traces" / name).glob("*.pt.trace.json")
         assert json.loads(trace.read_text())["traceEvents"]
+
+
+def test_bf16_rows_state_precision_targets_and_form(qwen):
+    """Every row says how it stores and computes, what it adapts and the form it was timed in;
+    LoRA also appears merged, under PEFT's own default, and under the other policy."""
+    methods = ("lora", "dora", "replora", "hyra", "doran", "moelora", "queryable", "instr-queryable")
+    out = profile_methods(ProfileSettings(qwen, methods=methods, dtype="bfloat16",
+                                          skip=frozenset({"decode", "train", "flops"}), **{**FAST, "repeats": 1}))
+    rows = out.methods
+    assert list(rows) == [FROZEN, "lora", "lora@merged", "lora@peft-default", "lora@model", *methods[1:]]
+    seven = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    for name, m in rows.items():
+        if name == FROZEN:
+            assert (m.adapter_dtype, m.compute_dtype, m.targets, m.form) == (None, "bfloat16", [], "frozen")
+            continue
+        assert m.targets == seven, name
+        expected = {"lora@peft-default": ("float32", "float32"), "lora@model": ("bfloat16", "bfloat16")}
+        assert (m.adapter_dtype, m.compute_dtype) == expected.get(name, ("float32", "bfloat16")), name
+    forms = {name: m.form for name, m in rows.items()}
+    assert forms == {FROZEN: "frozen", "lora": "unmerged", "lora@merged": "merged",
+                     "lora@peft-default": "unmerged", "lora@model": "unmerged", "dora": "unmerged",
+                     "replora": "folded", "hyra": "folded", "doran": "folded", "moelora": "routed",
+                     "queryable": "routed", "instr-queryable": "routed"}
+    assert out.settings["precision"] == "mixed"

@@ -105,6 +105,12 @@ def find_layer_linears(model: nn.Module, targets: Sequence[str] | None) -> list[
     return found
 
 
+def layer_linear_names(model: nn.Module) -> list[str]:
+    """The distinct names (last component) of the linears inside the transformer layers, in
+    model order (``find_layer_linears(model, None)``): one target list every method accepts."""
+    return list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in find_layer_linears(model, None)))
+
+
 def _no_linear(linears: list[str], targets: Sequence[str] | None, what: str):
     shown = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in linears})[:20])
     raise ValueError(f"target_modules: {targets!r} {what}; linears here: {shown}")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from qlsearch.adapters._precision import inference_form
 from qlsearch.profiling._flops import count_flops
 from qlsearch.profiling._machine import machine_info
 from qlsearch.profiling._settings import FROZEN, REFERENCE, ProfileSettings
@@ -97,6 +98,13 @@ class MethodProfile:
     total_params: int
     adapter_bytes: int
     peak_memory_bytes: int | None
+    #: how the trainable weights are stored and the dtype the adapter computes in (None: frozen)
+    adapter_dtype: str | None
+    compute_dtype: str | None
+    targets: list[str]  # the adapted linears (last name component), in model order
+    #: the form forward, decode and FLOPs were measured in (``inference_form``); the
+    #: training step always runs the training form
+    form: str
     flops: int | None = None  # one forward; see qlsearch/profiling/_flops.py for what counts
     flops_ratio: float | None = None
 
@@ -146,7 +154,7 @@ def _measure_decode(subjects: list[Subject], inputs: dict, settings: ProfileSett
 
 
 def _measure_train(subjects: list[Subject], inputs: dict, phases: _Phases) -> dict[str, list[float]]:
-    trained = [s for s in subjects if s.name != FROZEN]  # nothing to train
+    trained = [s for s in subjects if s.trainable]  # the frozen and the merged model have nothing to train
     for s in trained:
         s.model.train()
     try:
@@ -221,14 +229,18 @@ def _profile(settings: ProfileSettings, progress: Callable[[str], None] | None) 
     started = time.time()
 
     with _compile_context(settings):
-        forward = phases.time({s.name: forward_call(s, inputs) for s in subjects}, "forward")
-        decode = _measure_decode(subjects, inputs, settings, phases) if settings.runs("decode") else {}
+        with contextlib.ExitStack() as forms:  # each method as deployed: forward, decode, FLOPs
+            for s in subjects:
+                if s.form is None:
+                    s.form = forms.enter_context(inference_form(s.model))
+            forward = phases.time({s.name: forward_call(s, inputs) for s in subjects}, "forward")
+            decode = _measure_decode(subjects, inputs, settings, phases) if settings.runs("decode") else {}
+            flops = {s.name: _count_flops(s, inputs) for s in subjects} if settings.runs("flops") else {}
+            if settings.trace:
+                _write_traces(subjects, inputs, settings.trace)
         train = _measure_train(subjects, inputs, phases) if settings.runs("train") else {}
         peaks = ({s.name: cuda_peak_bytes(s, inputs, settings.runs("train")) for s in subjects}
                  if settings.device == "cuda" else {})
-    flops = {s.name: _count_flops(s, inputs) for s in subjects} if settings.runs("flops") else {}
-    if settings.trace:
-        _write_traces(subjects, inputs, settings.trace)
 
     fwd = {name: statistics.median(x) for name, x in forward.items()}
     step = {name: statistics.median(x) for name, x in train.items()}
@@ -253,6 +265,10 @@ def _profile(settings: ProfileSettings, progress: Callable[[str], None] | None) 
             total_params=total,
             adapter_bytes=sum(p.numel() * p.element_size() for p in s.trainable),
             peak_memory_bytes=peaks.get(s.name),
+            adapter_dtype=s.adapter_dtype,
+            compute_dtype=s.compute_dtype,
+            targets=s.targets,
+            form=s.form,
             flops=flops.get(s.name),
             flops_ratio=_ratio(flops.get(s.name), flops.get(REFERENCE)),
         )
@@ -268,6 +284,8 @@ def _profile(settings: ProfileSettings, progress: Callable[[str], None] | None) 
         "compiled_phases": ["forward", "train"] if settings.compile else [],
         "dynamo_config": _DYNAMO_CONFIG if settings.compile else None,
         "compiles_while_timing": phases.compiles_while_timing if settings.compile else None,
+        "forms": ("forward, decode and FLOPs time each method's inference form (row 'form'; "
+                  "qlsearch.adapters._precision.inference_form); the training step its training form"),
         "decode_formula": "batch * (new_tokens - 1) / (t(generate new_tokens) - t(generate 1))",
         "flops": ("FlopCounterMode with eager attention, plus elementwise ops, reductions, softmax "
                   "and top-k it does not count (qlsearch/profiling/_flops.py)"),

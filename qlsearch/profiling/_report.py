@@ -8,7 +8,7 @@ from pathlib import Path
 from qlsearch.profiling._benchmark import MethodProfile, ProfileResult
 from qlsearch.profiling._machine import machine_tag
 
-_HEADERS = ("method", "forward ms [min-max]", "overhead ms", "fwd x LoRA", "prefill ms",
+_HEADERS = ("method", "form", "weights/compute", "forward ms [min-max]", "overhead ms", "fwd x LoRA", "prefill ms",
             "decode tok/s", "dec x LoRA", "train ms", "train x LoRA", "GFLOPs", "FLOPs x LoRA",
             "trainable", "total", "peak MiB")
 
@@ -17,10 +17,17 @@ def _num(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
+def _short(dtype: str) -> str:
+    return dtype.replace("float", "fp").replace("bfp", "bf")
+
+
 def _row(name: str, m: MethodProfile) -> list[str]:
     spread = m.forward_ms_spread
+    dtypes = "-" if m.adapter_dtype is None else f"{_short(m.adapter_dtype)}/{_short(m.compute_dtype)}"
     return [
         name,
+        m.form,
+        dtypes,
         f"{m.forward_ms:,.2f} [{spread['min']:,.2f}-{spread['max']:,.2f}]",
         f"{m.overhead_ms:+,.2f}",
         _num(m.forward_ratio, 3),
@@ -44,6 +51,7 @@ def _caption(result: ProfileResult) -> str:
              else f"{machine['cpu']}, {threads} thread{'s' if threads != 1 else ''}")
     return (f"{s['model']} ({mc['model_type']}, {mc['num_hidden_layers']} layers, hidden {mc['hidden_size']}), "
             f"batch {s['batch']} x seq {s['seq']}, {s['dtype']} on {where}, torch {machine['torch']}; "
+            f"precision {s['precision']}, "
             f"median of {s['repeats']} after {s['warmup']} warm-up, decode {s['new_tokens']} tokens"
             f"{', compiled' if s['compile'] else ''}")
 

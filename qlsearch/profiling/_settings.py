@@ -17,8 +17,17 @@ DEVICES = ("cpu", "cuda")
 SKIPPABLE = ("decode", "train", "flops")
 #: The untouched base model, measured beside the adapters so overheads are absolute too.
 FROZEN = "frozen"
-#: Ratios are to PEFT LoRA measured in the same process (DESIGN.md, "Profiling").
+#: Ratios are to PEFT LoRA measured in the same process (DESIGN.md, "Profiling"), under the
+#: same precision policy as every other method.
 REFERENCE = "lora"
+#: The precision policies (``qlsearch.adapters._precision.PRECISIONS``; repeated here so the
+#: CLI parses without importing torch, and a test keeps the two equal).
+PRECISIONS = ("mixed", "model")
+#: Extra rows of the reference, ``lora@<variant>``: merged into the frozen weights, and on a
+#: model that is not float32, PEFT's own default (``autocast_adapter_dtype=True``: float32
+#: weights, activations cast to float32) and the other policy (for ``model``: PEFT's
+#: ``autocast_adapter_dtype=False``).
+MERGED, PEFT_DEFAULT = "merged", "peft-default"
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,7 @@ class ProfileSettings:
     top_k: int = 4
     num_blocks: int = 4
     target_modules: tuple[str, ...] = PAPER_TARGETS
+    precision: str = "mixed"
     seed: int = 0
     tag: str | None = None  # file name under --out; None: derived from the machine
     trace: str | None = None  # folder for one torch.profiler trace per method (None: no traces)
@@ -69,6 +79,7 @@ class ProfileSettings:
              "threads", "an integer >= 1, or None for torch's default")
         need(self.dtype in DTYPES, "dtype", ", ".join(DTYPES))
         need(self.device in DEVICES, "device", ", ".join(DEVICES))
+        need(self.precision in PRECISIONS, "precision", ", ".join(PRECISIONS))
         import torch
 
         from qlsearch.adapters import get_method
@@ -98,10 +109,19 @@ class ProfileSettings:
         return getattr(torch, self.dtype)
 
     @property
+    def references(self) -> tuple[str, ...]:
+        """LoRA's extra rows (``MERGED`` and ``PEFT_DEFAULT`` above), as ``lora@<variant>``."""
+        variants = [MERGED]
+        if self.dtype != "float32":  # on float32 every precision is the same
+            variants += [PEFT_DEFAULT, next(p for p in PRECISIONS if p != self.precision)]
+        return tuple(f"{REFERENCE}@{v}" for v in variants)
+
+    @property
     def measured(self) -> tuple[str, ...]:
-        """Every model timed, in round-robin order: the frozen base, LoRA, then the rest."""
+        """Every model timed, in round-robin order: the frozen base, LoRA and its
+        ``references``, then the rest."""
         rest = [m for m in dict.fromkeys(self.methods) if m not in (FROZEN, REFERENCE)]
-        return (FROZEN, REFERENCE, *rest)
+        return (FROZEN, REFERENCE, *self.references, *rest)
 
     def runs(self, phase: str) -> bool:
         return phase not in self.skip

@@ -17,19 +17,29 @@ import torch
 from torch import Tensor, nn
 
 from qlsearch.adapters import attach, auxiliary_loss, get_method
+from qlsearch.adapters._precision import adapted_targets, precision_of
 from qlsearch.params import load_config
-from qlsearch.profiling._settings import FROZEN, ProfileSettings
+from qlsearch.profiling._settings import FROZEN, MERGED, PEFT_DEFAULT, ProfileSettings
 
 
 @dataclass
 class Subject:
     """One model under test: ``model`` as built, ``runner`` what forward and training call
-    (``torch.compile(model)`` under ``--compile``), and the extra keywords it needs."""
+    (``torch.compile(model)`` under ``--compile``), and the extra keywords it needs.
+
+    ``adapter_dtype``/``compute_dtype`` (``precision_of``) and ``targets`` (the adapted
+    linears' names) are read when it is built; ``form`` is the inference form its forward
+    and decode are timed in (``frozen`` and ``merged`` from the start, the others when
+    ``inference_form`` is entered)."""
 
     name: str
     model: nn.Module
     runner: nn.Module
     extra: dict = field(default_factory=dict)
+    adapter_dtype: str | None = None
+    compute_dtype: str | None = None
+    targets: list[str] = field(default_factory=list)
+    form: str | None = None
 
     @property
     def trainable(self) -> list[nn.Parameter]:
@@ -63,24 +73,46 @@ def shared_copy(base: nn.Module) -> nn.Module:
     return copy.deepcopy(base, memo)
 
 
+def merged(model: nn.Module) -> nn.Module:
+    """PEFT ``model`` merged into its frozen weights and unwrapped (``merge_and_unload``):
+    what a user deploys, at the frozen model's cost. The adapted linears' weights are
+    copied first: they are shared with every other model of the comparison."""
+    for module in model.modules():
+        linear = getattr(module, "base_layer", None)
+        if isinstance(linear, nn.Linear):
+            linear.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
+    return model.merge_and_unload()
+
+
 def build_subjects(base: nn.Module, settings: ProfileSettings) -> list[Subject]:
-    """The frozen base and one adapted copy per method, all in eval mode, in ``settings.measured`` order."""
+    """The frozen base and one adapted copy per method, all in eval mode, in ``settings.measured`` order.
+
+    ``lora@<variant>`` is LoRA merged (``MERGED``), under PEFT's own default precision
+    (``PEFT_DEFAULT``), or under the named precision policy.
+    """
+    compute = str(settings.torch_dtype).removeprefix("torch.")
     subjects = []
     for name in settings.measured:
         torch.manual_seed(settings.seed)
+        method, _, variant = name.partition("@")
+        info: dict = {"form": FROZEN, "compute_dtype": compute}
         if name == FROZEN:
             model = base
         else:
-            model = attach(shared_copy(base), name, **settings.knobs_for(name)).eval()
+            precision = {MERGED: settings.precision, PEFT_DEFAULT: None}.get(variant, variant or settings.precision)
+            model = attach(shared_copy(base), method, precision=precision, **settings.knobs_for(method)).eval()
+            info = {**precision_of(model), "targets": adapted_targets(model), "form": None}
+            if variant == MERGED:
+                model, info["form"] = merged(model).eval(), MERGED
         extra = {}
-        if name != FROZEN and get_method(name).instruction:
+        if name != FROZEN and get_method(method).instruction:
             # a fixed embedding stands in for the encoded instruction text (e(c), batch x d_e)
             width = getattr(getattr(model, "config", None), "instruction_dim", 384)
             gen = torch.Generator().manual_seed(settings.seed)
             extra["instruction"] = torch.randn(settings.batch, width, generator=gen).to(
                 settings.device, settings.torch_dtype)
         runner = torch.compile(model) if settings.compile else model
-        subjects.append(Subject(name, model, runner, extra))
+        subjects.append(Subject(name, model, runner, extra, **info))
     return subjects
 
 

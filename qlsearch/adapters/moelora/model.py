@@ -50,6 +50,7 @@ class MoELoRAModel(AdapterModel):
 
     method = "moelora"
     config_class = MoELoRAConfig
+    inference_form_name = "routed"  # per-token routing: nothing to fold
 
     def __init__(self, base_model: nn.Module, config: MoELoRAConfig):
         super().__init__(base_model, config)

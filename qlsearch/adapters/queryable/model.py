@@ -64,7 +64,9 @@ def parameter_count(config: QueryableConfig, shapes: Sequence[tuple[int, int]]) 
     ``sum_p [r (d_in + d_out) + 1]``  (A, B and the gate of each projection)
     ``+ M r^2 + M d_k``               (atoms and keys)
     ``+ B d_k``                       (block priors w)
-    ``+ 3 r d_k + d_k^2``             (Q_cur, Q_dep, Q_dep,k; Q_dep,q)
+    ``+ r d_k``                       (Q_cur)
+    ``+ r d_k [B >= 2]``              (Q_dep: the depth summary's map into the query)
+    ``+ (r d_k + d_k^2) [B >= 3]``    (Q_dep,k, Q_dep,q: the depth attention)
     ``+ d_e d_k [lambda_ctx > 0]``    (Q_ctx: the instruction's query channel)
     ``+ d_e d_k [tau_lang > 0]``      (R_ctx: the instruction prior)
     """
@@ -72,7 +74,8 @@ def parameter_count(config: QueryableConfig, shapes: Sequence[tuple[int, int]]) 
     per_projection = sum(c.r * (d_in + d_out) + 1 for d_in, d_out in shapes)
     memory = c.num_atoms * (c.r * c.r + c.d_k) + c.num_blocks * c.d_k
     channels = (c.lambda_ctx > 0) + (c.tau_lang > 0)
-    maps = 3 * c.r * c.d_k + c.d_k * c.d_k + channels * c.instruction_dim * c.d_k
+    depth = c.r * c.d_k * (c.num_blocks >= 2) + (c.r * c.d_k + c.d_k * c.d_k) * (c.num_blocks >= 3)
+    maps = c.r * c.d_k + depth + channels * c.instruction_dim * c.d_k
     return per_projection + memory + maps
 
 
@@ -94,6 +97,7 @@ class QueryableModel(AdapterModel):
 
     method = "queryable"
     config_class = QueryableConfig
+    inference_form_name = "routed"  # route per forward; decoding folds (alpha/r)(I + g S_b) A once per route
 
     def __init__(self, base_model: nn.Module, config: QueryableConfig):
         super().__init__(base_model, config)
@@ -157,7 +161,7 @@ class QueryableModel(AdapterModel):
                 f"instruction: embedding width {instruction.shape[-1]} != instruction_dim "
                 f"{c.instruction_dim}; set instruction_dim to the encoder's width"
             )
-        ref = self.router.keys
+        ref = self.router.atom_keys
         return instruction.to(device=ref.device, dtype=ref.dtype)
 
     def _begin_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:

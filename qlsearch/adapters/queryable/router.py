@@ -17,6 +17,8 @@ Decisions where the paper is ambiguous (DESIGN.md decides):
   here, not a scalar per layer: each block reads its projections' gates as one
   slice, so gating costs one op per block, and the optimizer steps one tensor
   instead of one per projection (the parameters are the same).
+* ``Q_dep`` exists only with two or more blocks, ``Q_dep,q`` and ``Q_dep,k`` with
+  three or more: with fewer, no route reads them.
 * ``Q_ctx`` exists only when ``lambda_ctx != 0`` and ``R_ctx`` only when
   ``tau_lang != 0``: the plain adapter (both 0) never reads them, so it does not
   carry them. (Table 6 counts the same parameters for both variants; we count what
@@ -86,13 +88,15 @@ class AtomRouter(nn.Module):
         # Atoms ~ N(0, 1/r): ||C_m|| = O(1), so g*S_b starts comparable to the identity
         # path without dominating it; B = 0 keeps the adapted model equal to the base.
         self.atoms = nn.Parameter(torch.randn(c.num_atoms, c.r, c.r) / math.sqrt(c.r))
-        self.keys = nn.Parameter(torch.randn(c.num_atoms, c.d_k))
+        # k_m; not "keys": parametrize (the precision policy) keeps its tensors in a ModuleDict
+        self.atom_keys = nn.Parameter(torch.randn(c.num_atoms, c.d_k))
         self.block_prior = nn.Parameter(torch.randn(c.num_blocks, c.d_k))  # w_{l_b}
         self.query_cur = nn.Linear(c.r, c.d_k, bias=False)  # Q_cur
-        self.query_dep = nn.Linear(c.r, c.d_k, bias=False)  # Q_dep
-        self.depth_query = nn.Linear(c.d_k, c.d_k, bias=False)  # Q_dep,q
-        self.depth_key = nn.Linear(c.r, c.d_k, bias=False)  # Q_dep,k
-        # the instruction channels, only where they are on (no dead parameters)
+        # Only what some route reads (no dead parameters): the depth summary needs a completed
+        # block (B >= 2), and its attention two of them (B >= 3; see depth_summary).
+        self.query_dep = nn.Linear(c.r, c.d_k, bias=False) if c.num_blocks >= 2 else None  # Q_dep
+        self.depth_query = nn.Linear(c.d_k, c.d_k, bias=False) if c.num_blocks >= 3 else None  # Q_dep,q
+        self.depth_key = nn.Linear(c.r, c.d_k, bias=False) if c.num_blocks >= 3 else None  # Q_dep,k
         self.query_ctx = nn.Linear(c.instruction_dim, c.d_k, bias=False) if c.lambda_ctx else None  # Q_ctx
         self.prior_ctx = nn.Linear(c.instruction_dim, c.d_k, bias=False) if c.tau_lang else None  # R_ctx
         self.gate_logits = nn.Parameter(torch.full((sum(block_sizes),), float(c.init_gate)))  # eta_p
@@ -102,7 +106,7 @@ class AtomRouter(nn.Module):
     def normed_keys(self) -> Tensor:
         """``RMSNorm(k_m)`` (M x d_k). The same for every block: a forward makes it once
         and passes it as ``keys`` to each route."""
-        return rms_norm(self.keys)
+        return rms_norm(self.atom_keys)
 
     def language_log_prior(self, instruction: Tensor, keys: Tensor | None = None) -> Tensor:
         """``log p(c)`` over atoms, ``p_m ∝ exp(<RMSNorm(R_ctx e), RMSNorm(k_m)> / (sqrt(d_k) T_lang))``."""

@@ -47,6 +47,7 @@ class RepLoRAModel(AdapterModel):
 
     method = "replora"
     config_class = RepLoRAConfig
+    inference_form_name = "folded"  # factors generated once (fold), then plain LoRA
     layer_cls = RepLoRALinear
 
     def __init__(self, base_model: nn.Module, config: RepLoRAConfig):
