@@ -78,18 +78,22 @@ class _Phases:
 
 @dataclass
 class MethodProfile:
-    """One method's row. Times are medians over the repeats; ratios are to PEFT LoRA
-    and ``overhead_ms`` is to the frozen model, all measured in the same process.
-    Phases that were skipped (or cannot apply, like training the frozen model) are None."""
+    """One method's row. Times are medians over the repeats; ``*_ratio`` is to PEFT LoRA,
+    ``*_ratio_frozen`` and ``overhead_ms`` to the frozen model, all measured in the same
+    process. Phases that were skipped (or cannot apply, like training the frozen model,
+    or decoding a backbone that does not generate) are None; the training step has no
+    ratio to the frozen model, which has nothing to train."""
 
     forward_ms: float
     forward_ms_spread: dict
     forward_ratio: float
+    forward_ratio_frozen: float
     overhead_ms: float
     prefill_ms: float | None
     decode_tokens_per_s: float | None
     decode_tokens_per_s_spread: dict | None
     decode_ratio: float | None
+    decode_ratio_frozen: float | None
     train_step_ms: float | None
     train_step_ms_spread: dict | None
     train_ratio: float | None
@@ -99,6 +103,8 @@ class MethodProfile:
     peak_memory_bytes: int | None
     flops: int | None = None  # one forward; see qlsearch/profiling/_flops.py for what counts
     flops_ratio: float | None = None
+    flops_ratio_frozen: float | None = None
+    peak_memory_ratio: float | None = None  # to LoRA's (CUDA only)
 
 
 @dataclass
@@ -241,11 +247,13 @@ def _profile(settings: ProfileSettings, progress: Callable[[str], None] | None) 
             forward_ms=fwd[s.name],
             forward_ms_spread=Spread.of(forward[s.name]).as_dict(),
             forward_ratio=fwd[s.name] / fwd[REFERENCE],
+            forward_ratio_frozen=fwd[s.name] / fwd[FROZEN],
             overhead_ms=fwd[s.name] - fwd[FROZEN],
             prefill_ms=prefill,
             decode_tokens_per_s=rate.get(s.name),
             decode_tokens_per_s_spread=Spread.of(rounds).as_dict() if rounds else None,
             decode_ratio=_ratio(rate.get(s.name), rate.get(REFERENCE)),
+            decode_ratio_frozen=_ratio(rate.get(s.name), rate.get(FROZEN)),
             train_step_ms=step.get(s.name),
             train_step_ms_spread=Spread.of(train[s.name]).as_dict() if s.name in train else None,
             train_ratio=_ratio(step.get(s.name), step.get(REFERENCE)),
@@ -255,6 +263,8 @@ def _profile(settings: ProfileSettings, progress: Callable[[str], None] | None) 
             peak_memory_bytes=peaks.get(s.name),
             flops=flops.get(s.name),
             flops_ratio=_ratio(flops.get(s.name), flops.get(REFERENCE)),
+            flops_ratio_frozen=_ratio(flops.get(s.name), flops.get(FROZEN)),
+            peak_memory_ratio=_ratio(peaks.get(s.name), peaks.get(REFERENCE)),
         )
 
     config = base.config
