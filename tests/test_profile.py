@@ -190,3 +190,13 @@ def test_trace_writes_a_chrome_trace_per_method(qwen, tmp_path):
     for name in (FROZEN, "lora", "queryable"):
         (trace,) = (tmp_path / "traces" / name).glob("*.pt.trace.json")
         assert json.loads(trace.read_text())["traceEvents"]
+
+
+def test_every_ratio_is_also_given_to_the_frozen_model(result):
+    frozen = result.methods[FROZEN]
+    assert frozen.forward_ratio_frozen == frozen.decode_ratio_frozen == frozen.flops_ratio_frozen == 1.0
+    for name, m in result.methods.items():
+        assert m.forward_ratio_frozen == pytest.approx(m.forward_ms / frozen.forward_ms), name
+        assert m.decode_ratio_frozen == pytest.approx(
+            m.decode_tokens_per_s / frozen.decode_tokens_per_s), name
+        assert m.flops_ratio_frozen == pytest.approx(m.flops / frozen.flops), name

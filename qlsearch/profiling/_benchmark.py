@@ -228,7 +228,8 @@ def _profile(settings: ProfileSettings, progress: Callable[[str], None] | None) 
 
     with _compile_context(settings):
         forward = phases.time({s.name: forward_call(s, inputs) for s in subjects}, "forward")
-        decode = _measure_decode(subjects, inputs, settings, phases) if settings.runs("decode") else {}
+        decodes = settings.runs("decode") and not settings.synthetic  # backbones do not generate
+        decode = _measure_decode(subjects, inputs, settings, phases) if decodes else {}
         train = _measure_train(subjects, inputs, phases) if settings.runs("train") else {}
         peaks = ({s.name: cuda_peak_bytes(s, inputs, settings.runs("train")) for s in subjects}
                  if settings.device == "cuda" else {})

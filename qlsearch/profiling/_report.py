@@ -7,6 +7,7 @@ from pathlib import Path
 
 from qlsearch.profiling._benchmark import MethodProfile, ProfileResult
 from qlsearch.profiling._machine import machine_tag
+from qlsearch.profiling._settings import SYNTHETIC_MODELS
 
 _HEADERS = ("method", "forward ms [min-max]", "overhead ms", "fwd x LoRA", "fwd x frozen",
             "prefill ms", "decode tok/s", "dec x LoRA", "dec x frozen", "train ms", "train x LoRA", "GFLOPs", "FLOPs x LoRA",
@@ -46,9 +47,12 @@ def _caption(result: ProfileResult) -> str:
     threads = machine["torch_threads"]
     where = (machine["gpu"]["name"] if machine["gpu"]
              else f"{machine['cpu']}, {threads} thread{'s' if threads != 1 else ''}")
+    synthetic = s["model"] in SYNTHETIC_MODELS  # no tokens, no decoding
+    shape = f"batch {s['batch']}" if synthetic else f"batch {s['batch']} x seq {s['seq']}"
+    decode = "" if synthetic else f", decode {s['new_tokens']} tokens"
     return (f"{s['model']} ({mc['model_type']}, {mc['num_hidden_layers']} layers, hidden {mc['hidden_size']}), "
-            f"batch {s['batch']} x seq {s['seq']}, {s['dtype']} on {where}, torch {machine['torch']}; "
-            f"median of {s['repeats']} after {s['warmup']} warm-up, decode {s['new_tokens']} tokens"
+            f"{shape}, {s['dtype']} on {where}, torch {machine['torch']}; "
+            f"median of {s['repeats']} after {s['warmup']} warm-up{decode}"
             f"{', compiled' if s['compile'] else ''}")
 
 
