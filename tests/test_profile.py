@@ -200,3 +200,16 @@ def test_every_ratio_is_also_given_to_the_frozen_model(result):
         assert m.decode_ratio_frozen == pytest.approx(
             m.decode_tokens_per_s / frozen.decode_tokens_per_s), name
         assert m.flops_ratio_frozen == pytest.approx(m.flops / frozen.flops), name
+
+
+def test_the_frozen_model_has_no_training_step_in_its_peak_memory(qwen):
+    """On CUDA the peak-memory step once built an AdamW over the frozen model's (no) parameters."""
+    from qlsearch.profiling._subjects import peak_phases
+
+    settings = ProfileSettings(qwen, methods=("lora",), **FAST)
+    frozen, lora = build_subjects(build_base(settings), settings)
+    with pytest.raises(ValueError, match="empty parameter list"):
+        torch.optim.AdamW(frozen.trainable)  # what the old code did
+    assert peak_phases(frozen, train=True) == ("forward",)
+    assert peak_phases(lora, train=True) == ("forward", "train")
+    assert peak_phases(lora, train=False) == ("forward",)

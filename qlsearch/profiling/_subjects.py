@@ -164,6 +164,12 @@ def train_call(subject: Subject, inputs: dict[str, Tensor]) -> Callable[[], None
     return call
 
 
+def peak_phases(subject: Subject, train: bool) -> tuple[str, ...]:
+    """The phases whose peak memory counts: a training step only where there is something to
+    train (the frozen model has no trainable tensor; AdamW refuses an empty parameter list)."""
+    return ("forward", "train") if train and subject.trainable else ("forward",)
+
+
 def cuda_peak_bytes(subject: Subject, inputs: dict[str, Tensor], train: bool) -> int:
     """The model's own tensors plus the most it allocates above them in one forward and,
     with ``train``, one training step with a fresh AdamW (gradients and optimizer state included).
@@ -173,7 +179,7 @@ def cuda_peak_bytes(subject: Subject, inputs: dict[str, Tensor], train: bool) ->
     """
     peaks = []
     try:
-        for phase in ("forward", "train") if train else ("forward",):
+        for phase in peak_phases(subject, train):
             subject.model.train(phase == "train")
             call = forward_call(subject, inputs) if phase == "forward" else train_call(subject, inputs)
             torch.cuda.synchronize()
