@@ -194,12 +194,16 @@ def test_trace_writes_a_chrome_trace_per_method(qwen, tmp_path):
 
 def test_every_ratio_is_also_given_to_the_frozen_model(result):
     frozen = result.methods[FROZEN]
-    assert frozen.forward_ratio_frozen == frozen.decode_ratio_frozen == frozen.flops_ratio_frozen == 1.0
+    assert frozen.forward_ratio_frozen == frozen.flops_ratio_frozen == 1.0
     for name, m in result.methods.items():
         assert m.forward_ratio_frozen == pytest.approx(m.forward_ms / frozen.forward_ms), name
-        assert m.decode_ratio_frozen == pytest.approx(
-            m.decode_tokens_per_s / frozen.decode_tokens_per_s), name
         assert m.flops_ratio_frozen == pytest.approx(m.flops / frozen.flops), name
+        # two repeats: noise can leave a decode rate null (t(N) - t(1) <= 0); then so is its ratio
+        if m.decode_tokens_per_s is None or frozen.decode_tokens_per_s is None:
+            assert m.decode_ratio_frozen is None, name
+        else:
+            assert m.decode_ratio_frozen == pytest.approx(
+                m.decode_tokens_per_s / frozen.decode_tokens_per_s), name
 
 
 def test_the_frozen_model_has_no_training_step_in_its_peak_memory(qwen):
