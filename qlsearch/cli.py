@@ -57,7 +57,15 @@ def _skip(text: str) -> list[str]:
 # ---- profile --------------------------------------------------------------------------------
 
 def _add_profile(subparsers: argparse._SubParsersAction) -> None:
-    from qlsearch.profiling._settings import DEVICES, DTYPES, PRECISIONS, SKIPPABLE, ProfileSettings
+    from qlsearch.profiling._settings import (
+        DEVICES,
+        DTYPES,
+        PAPER_TARGETS,
+        PRECISIONS,
+        SKIPPABLE,
+        SYNTHETIC_MODELS,
+        ProfileSettings,
+    )
 
     # every option but --json/--out is a ProfileSettings field: its default is read from there
     default = {f.name: f.default for f in dataclasses.fields(ProfileSettings)}
@@ -66,7 +74,9 @@ def _add_profile(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Time adapter methods against the frozen model and PEFT LoRA on one model "
                     "config (random weights; nothing is downloaded).")
-    p.add_argument("--model", required=True, help="hub id (config only) or a folder with config.json")
+    p.add_argument("--model", required=True,
+                   help="hub id (config only), a folder with config.json, or a synthetic backbone: "
+                        f"{', '.join(SYNTHETIC_MODELS)} (no decode phase)")
     p.add_argument("--methods", type=_methods, default=",".join(default["methods"]),
                    help="comma-separated registry names; frozen and lora are always measured")
     p.add_argument("--batch", type=int, default=default["batch"], help="examples per call")
@@ -89,8 +99,9 @@ def _add_profile(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num-atoms", type=int, default=default["num_atoms"], help="queryable: atoms M")
     p.add_argument("--top-k", type=int, default=default["top_k"], help="queryable: atoms per route k")
     p.add_argument("--num-blocks", type=int, default=default["num_blocks"], help="queryable: blocks B")
-    p.add_argument("--target-modules", type=_comma_list, default=",".join(default["target_modules"]),
-                   help="comma-separated linear names")
+    p.add_argument("--target-modules", type=_comma_list, default=None,
+                   help="comma-separated linear names (default: "
+                        f"{','.join(PAPER_TARGETS)}; every linear in a synthetic backbone's layers)")
     p.add_argument("--seed", type=int, default=default["seed"], help="weights, tokens, adapters")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--out", metavar="DIR", help="also write DIR/<tag>.json and DIR/<tag>.md")

@@ -216,3 +216,30 @@ def test_bf16_rows_state_precision_targets_and_form(qwen):
                      "replora": "folded", "hyra": "folded", "doran": "folded", "moelora": "routed",
                      "queryable": "routed", "instr-queryable": "routed"}
     assert out.settings["precision"] == "mixed"
+
+
+def test_every_ratio_is_also_given_to_the_frozen_model(result):
+    frozen = result.methods[FROZEN]
+    assert frozen.forward_ratio_frozen == frozen.flops_ratio_frozen == 1.0
+    for name, m in result.methods.items():
+        assert m.forward_ratio_frozen == pytest.approx(m.forward_ms / frozen.forward_ms), name
+        assert m.flops_ratio_frozen == pytest.approx(m.flops / frozen.flops), name
+        # two repeats: noise can leave a decode rate null (t(N) - t(1) <= 0); then so is its ratio
+        if m.decode_tokens_per_s is None or frozen.decode_tokens_per_s is None:
+            assert m.decode_ratio_frozen is None, name
+        else:
+            assert m.decode_ratio_frozen == pytest.approx(
+                m.decode_tokens_per_s / frozen.decode_tokens_per_s), name
+
+
+def test_the_frozen_model_has_no_training_step_in_its_peak_memory(qwen):
+    """On CUDA the peak-memory step once built an AdamW over the frozen model's (no) parameters."""
+    from qlsearch.profiling._subjects import peak_phases
+
+    settings = ProfileSettings(qwen, methods=("lora",), **FAST)
+    frozen, lora = build_subjects(build_base(settings), settings)
+    with pytest.raises(ValueError, match="empty parameter list"):
+        torch.optim.AdamW(frozen.trainable)  # what the old code did
+    assert peak_phases(frozen, train=True) == ("forward",)
+    assert peak_phases(lora, train=True) == ("forward", "train")
+    assert peak_phases(lora, train=False) == ("forward",)

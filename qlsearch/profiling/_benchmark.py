@@ -79,18 +79,22 @@ class _Phases:
 
 @dataclass
 class MethodProfile:
-    """One method's row. Times are medians over the repeats; ratios are to PEFT LoRA
-    and ``overhead_ms`` is to the frozen model, all measured in the same process.
-    Phases that were skipped (or cannot apply, like training the frozen model) are None."""
+    """One method's row. Times are medians over the repeats; ``*_ratio`` is to PEFT LoRA,
+    ``*_ratio_frozen`` and ``overhead_ms`` to the frozen model, all measured in the same
+    process. Phases that were skipped (or cannot apply, like training the frozen model,
+    or decoding a backbone that does not generate) are None; the training step has no
+    ratio to the frozen model, which has nothing to train."""
 
     forward_ms: float
     forward_ms_spread: dict
     forward_ratio: float
+    forward_ratio_frozen: float
     overhead_ms: float
     prefill_ms: float | None
     decode_tokens_per_s: float | None
     decode_tokens_per_s_spread: dict | None
     decode_ratio: float | None
+    decode_ratio_frozen: float | None
     train_step_ms: float | None
     train_step_ms_spread: dict | None
     train_ratio: float | None
@@ -107,6 +111,8 @@ class MethodProfile:
     form: str
     flops: int | None = None  # one forward; see qlsearch/profiling/_flops.py for what counts
     flops_ratio: float | None = None
+    flops_ratio_frozen: float | None = None
+    peak_memory_ratio: float | None = None  # to LoRA's (CUDA only)
 
 
 @dataclass
@@ -234,7 +240,8 @@ def _profile(settings: ProfileSettings, progress: Callable[[str], None] | None) 
                 if s.form is None:
                     s.form = forms.enter_context(inference_form(s.model))
             forward = phases.time({s.name: forward_call(s, inputs) for s in subjects}, "forward")
-            decode = _measure_decode(subjects, inputs, settings, phases) if settings.runs("decode") else {}
+            decodes = settings.runs("decode") and not settings.synthetic  # backbones do not generate
+            decode = _measure_decode(subjects, inputs, settings, phases) if decodes else {}
             flops = {s.name: _count_flops(s, inputs) for s in subjects} if settings.runs("flops") else {}
             if settings.trace:
                 _write_traces(subjects, inputs, settings.trace)
@@ -253,11 +260,13 @@ def _profile(settings: ProfileSettings, progress: Callable[[str], None] | None) 
             forward_ms=fwd[s.name],
             forward_ms_spread=Spread.of(forward[s.name]).as_dict(),
             forward_ratio=fwd[s.name] / fwd[REFERENCE],
+            forward_ratio_frozen=fwd[s.name] / fwd[FROZEN],
             overhead_ms=fwd[s.name] - fwd[FROZEN],
             prefill_ms=prefill,
             decode_tokens_per_s=rate.get(s.name),
             decode_tokens_per_s_spread=Spread.of(rounds).as_dict() if rounds else None,
             decode_ratio=_ratio(rate.get(s.name), rate.get(REFERENCE)),
+            decode_ratio_frozen=_ratio(rate.get(s.name), rate.get(FROZEN)),
             train_step_ms=step.get(s.name),
             train_step_ms_spread=Spread.of(train[s.name]).as_dict() if s.name in train else None,
             train_ratio=_ratio(step.get(s.name), step.get(REFERENCE)),
@@ -271,6 +280,8 @@ def _profile(settings: ProfileSettings, progress: Callable[[str], None] | None) 
             form=s.form,
             flops=flops.get(s.name),
             flops_ratio=_ratio(flops.get(s.name), flops.get(REFERENCE)),
+            flops_ratio_frozen=_ratio(flops.get(s.name), flops.get(FROZEN)),
+            peak_memory_ratio=_ratio(peaks.get(s.name), peaks.get(REFERENCE)),
         )
 
     config = base.config

@@ -7,10 +7,12 @@ from pathlib import Path
 
 from qlsearch.profiling._benchmark import MethodProfile, ProfileResult
 from qlsearch.profiling._machine import machine_tag
+from qlsearch.profiling._settings import SYNTHETIC_MODELS
 
-_HEADERS = ("method", "form", "weights/compute", "forward ms [min-max]", "overhead ms", "fwd x LoRA", "prefill ms",
-            "decode tok/s", "dec x LoRA", "train ms", "train x LoRA", "GFLOPs", "FLOPs x LoRA",
-            "trainable", "total", "peak MiB")
+_HEADERS = ("method", "form", "weights/compute", "forward ms [min-max]", "overhead ms", "fwd x LoRA",
+            "fwd x frozen", "prefill ms", "decode tok/s", "dec x LoRA", "dec x frozen", "train ms",
+            "train x LoRA", "GFLOPs", "FLOPs x LoRA", "FLOPs x frozen", "trainable", "total", "peak MiB",
+            "peak x LoRA")
 
 
 def _num(value: float | None, digits: int = 2) -> str:
@@ -31,16 +33,20 @@ def _row(name: str, m: MethodProfile) -> list[str]:
         f"{m.forward_ms:,.2f} [{spread['min']:,.2f}-{spread['max']:,.2f}]",
         f"{m.overhead_ms:+,.2f}",
         _num(m.forward_ratio, 3),
+        _num(m.forward_ratio_frozen, 3),
         _num(m.prefill_ms),
         _num(m.decode_tokens_per_s, 1),
         _num(m.decode_ratio, 3),
+        _num(m.decode_ratio_frozen, 3),
         _num(m.train_step_ms),
         _num(m.train_ratio, 3),
         "-" if m.flops is None else f"{m.flops / 1e9:,.3f}",
         _num(m.flops_ratio, 4),
+        _num(m.flops_ratio_frozen, 4),
         f"{m.trainable_params:,}",
         f"{m.total_params:,}",
         "-" if m.peak_memory_bytes is None else f"{m.peak_memory_bytes / 2**20:,.1f}",
+        _num(m.peak_memory_ratio, 3),
     ]
 
 
@@ -49,10 +55,13 @@ def _caption(result: ProfileResult) -> str:
     threads = machine["torch_threads"]
     where = (machine["gpu"]["name"] if machine["gpu"]
              else f"{machine['cpu']}, {threads} thread{'s' if threads != 1 else ''}")
+    synthetic = s["model"] in SYNTHETIC_MODELS  # no tokens, no decoding
+    shape = f"batch {s['batch']}" if synthetic else f"batch {s['batch']} x seq {s['seq']}"
+    decode = "" if synthetic else f", decode {s['new_tokens']} tokens"
     return (f"{s['model']} ({mc['model_type']}, {mc['num_hidden_layers']} layers, hidden {mc['hidden_size']}), "
-            f"batch {s['batch']} x seq {s['seq']}, {s['dtype']} on {where}, torch {machine['torch']}; "
+            f"{shape}, {s['dtype']} on {where}, torch {machine['torch']}; "
             f"precision {s['precision']}, "
-            f"median of {s['repeats']} after {s['warmup']} warm-up, decode {s['new_tokens']} tokens"
+            f"median of {s['repeats']} after {s['warmup']} warm-up{decode}"
             f"{', compiled' if s['compile'] else ''}")
 
 
@@ -76,7 +85,7 @@ def format_markdown(result: ProfileResult) -> str:
     lines += ["| " + " | ".join(_row(name, m)) + " |" for name, m in result.methods.items()]
     lines += ["", f"Peak memory: {result.settings['peak_memory']}.",
               f"Timer: {result.settings['timer']}. Ratios are to PEFT LoRA, overhead to the frozen model, "
-              "both measured in the same process."]
+              "measured in the same process."]
     return "\n".join(lines) + "\n"
 
 

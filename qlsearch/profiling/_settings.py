@@ -10,6 +10,10 @@ from dataclasses import asdict, dataclass
 
 #: The paper's targets for Tables 5-7: attention and MLP projections.
 PAPER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: ``--model`` names of the synthetic suite's backbones (qlsearch.backbones), profiled at
+#: their default sizes (8x256 transformer regressor, 32x32 deep MLP) with every linear in
+#: their layers adapted; any other name is an HF config.
+SYNTHETIC_MODELS = ("mlp", "transformer")
 #: Names of torch dtypes (``torch.<name>``); this module imports no torch, so the CLI parses fast.
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")
@@ -34,10 +38,15 @@ MERGED, PEFT_DEFAULT = "merged", "peft-default"
 class ProfileSettings:
     """One benchmark: a model config, the methods, the workload and how to time it.
 
+    ``model`` is an HF config (a folder or a cached hub id), or a synthetic backbone
+    (``SYNTHETIC_MODELS``): these take ``batch`` examples of 2 coordinates (``seq`` does
+    not apply; the transformer sees one token per coordinate) and do not generate, so
+    decode is not measured on them.
     ``methods`` are registry names; ``frozen`` and ``lora`` are always measured
     (the baseline of ``overhead_ms`` and the reference of every ratio).
     ``r``, ``num_atoms``, ``top_k``, ``num_blocks`` and ``target_modules`` go to
-    every method that has that knob.
+    every method that has that knob; ``target_modules=None`` means the model's own:
+    ``PAPER_TARGETS`` on an HF config, every linear in the layers of a synthetic backbone.
     """
 
     model: str
@@ -57,7 +66,7 @@ class ProfileSettings:
     num_atoms: int = 16
     top_k: int = 4
     num_blocks: int = 4
-    target_modules: tuple[str, ...] = PAPER_TARGETS
+    target_modules: tuple[str, ...] | None = None
     precision: str = "mixed"
     seed: int = 0
     tag: str | None = None  # file name under --out; None: derived from the machine
@@ -90,6 +99,11 @@ class ProfileSettings:
                 "allowed here: cpu"
             )
         need(set(self.skip) <= set(SKIPPABLE), "skip", ", ".join(SKIPPABLE))
+        if self.target_modules is None:
+            from qlsearch.backbones import SYNTHETIC_TARGETS
+
+            own = SYNTHETIC_TARGETS[self.model] if self.synthetic else PAPER_TARGETS
+            object.__setattr__(self, "target_modules", tuple(own))
         need(len(self.target_modules) > 0, "target_modules", "one or more module names")
         object.__setattr__(self, "methods", tuple(self.methods))
         object.__setattr__(self, "skip", frozenset(self.skip))
@@ -115,6 +129,11 @@ class ProfileSettings:
         if self.dtype != "float32":  # on float32 every precision is the same
             variants += [PEFT_DEFAULT, next(p for p in PRECISIONS if p != self.precision)]
         return tuple(f"{REFERENCE}@{v}" for v in variants)
+
+    @property
+    def synthetic(self) -> bool:
+        """A synthetic backbone, not an HF config."""
+        return self.model in SYNTHETIC_MODELS
 
     @property
     def measured(self) -> tuple[str, ...]:

@@ -47,15 +47,21 @@ class Subject:
 
 
 def build_base(settings: ProfileSettings) -> nn.Module:
-    """The frozen causal LM for ``settings.model``, in eval mode, on the device.
+    """The frozen model for ``settings.model`` (a causal LM, or a synthetic backbone with
+    random weights), in eval mode, on the device.
 
     transformers 5 builds in the config's own dtype (bf16 for Qwen2.5), so the
     dtype is always given.
     """
+    torch.manual_seed(settings.seed)
+    if settings.synthetic:
+        from qlsearch.backbones import build_backbone
+
+        model = build_backbone(settings.model).to(settings.device, settings.torch_dtype)
+        return model.eval().requires_grad_(False)
     from transformers import AutoModelForCausalLM
 
     config = load_config(settings.model)
-    torch.manual_seed(settings.seed)
     with torch.device(settings.device):
         model = AutoModelForCausalLM.from_config(
             config, dtype=settings.torch_dtype, attn_implementation=settings.attn_implementation
@@ -117,8 +123,12 @@ def build_subjects(base: nn.Module, settings: ProfileSettings) -> list[Subject]:
 
 
 def make_inputs(base: nn.Module, settings: ProfileSettings) -> dict[str, Tensor]:
-    """Random token ids (batch x seq) and a full attention mask, the same for every method."""
+    """Random token ids (batch x seq) and a full attention mask, the same for every method;
+    for a synthetic backbone, ``x``: batch x its input coordinates."""
     gen = torch.Generator().manual_seed(settings.seed)
+    if settings.synthetic:
+        x = torch.randn(settings.batch, base.config.in_features, generator=gen)
+        return {"x": x.to(settings.device, settings.torch_dtype)}
     ids = torch.randint(0, base.config.vocab_size, (settings.batch, settings.seq), generator=gen)
     ids = ids.to(settings.device)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -171,16 +181,25 @@ def generate_call(subject: Subject, inputs: dict[str, Tensor], kwargs: dict) -> 
 
 
 def train_call(subject: Subject, inputs: dict[str, Tensor]) -> Callable[[], None]:
-    """One training step: causal-LM loss (plus the method's auxiliary terms), backward, AdamW."""
+    """One training step: causal-LM loss (a synthetic backbone: the mean square of its output,
+    a regression loss against target 0) plus the method's auxiliary terms, backward, AdamW."""
     optimizer = torch.optim.AdamW(subject.trainable, lr=1e-4)
+    labels = {"labels": inputs["input_ids"]} if "input_ids" in inputs else {}
 
     def call() -> None:
         optimizer.zero_grad(set_to_none=True)
-        out = subject.runner(**inputs, labels=inputs["input_ids"], **subject.extra)
-        (out.loss + auxiliary_loss(subject.model)).backward()
+        out = subject.runner(**inputs, **labels, **subject.extra)
+        loss = out.loss if labels else out.float().square().mean()
+        (loss + auxiliary_loss(subject.model)).backward()
         optimizer.step()
 
     return call
+
+
+def peak_phases(subject: Subject, train: bool) -> tuple[str, ...]:
+    """The phases whose peak memory counts: a training step only where there is something to
+    train (the frozen model has no trainable tensor; AdamW refuses an empty parameter list)."""
+    return ("forward", "train") if train and subject.trainable else ("forward",)
 
 
 def cuda_peak_bytes(subject: Subject, inputs: dict[str, Tensor], train: bool) -> int:
@@ -192,7 +211,7 @@ def cuda_peak_bytes(subject: Subject, inputs: dict[str, Tensor], train: bool) ->
     """
     peaks = []
     try:
-        for phase in ("forward", "train") if train else ("forward",):
+        for phase in peak_phases(subject, train):
             subject.model.train(phase == "train")
             call = forward_call(subject, inputs) if phase == "forward" else train_call(subject, inputs)
             torch.cuda.synchronize()

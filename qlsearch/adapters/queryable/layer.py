@@ -57,34 +57,41 @@ class QueryableLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         router, state = self._shared
-        if state.hold:
-            if state.fold and not self.training:
-                return self._forward_folded(x, state)
-        elif self.state_layers:
-            self._record_unit_state(x, router, state)
+        if state.hold and state.fold and not self.training:
+            return self._forward_folded(x, state)
+        s = F.linear(self.dropout(x) if self.dropout_p else x, self.lora_A)
+        if self.state_layers and not state.hold:
+            self._record_unit_state(x, s, router, state)
         route = state.routes.get(self.block)
         if route is None:
             raise RuntimeError(
                 f"block {self.block} has no route: its entry projection must run before the "
                 "block's other adapted projections (is the model's forward order unusual?)"
             )
-        s = F.linear(self.dropout(x) if self.dropout_p else x, self.lora_A)
         mixer_t = route.mixers_t[self.slot]
+        if s.dim() == 2:  # one row per example (a plain MLP): the B GEMM adds onto the base output
+            t = torch.bmm(s.unsqueeze(1), mixer_t).squeeze(1)  # s (I + g S)^T = s + g s S^T
+            return torch.addmm(self.base_layer(x), t, self.lora_B.t(), alpha=self.scaling)
         if s.dim() == 3:
-            t = torch.bmm(s, mixer_t)  # s (I + g S)^T = s + g s S^T
-        else:  # (batch, r) or (batch, ..., r): one example per leading row
+            t = torch.bmm(s, mixer_t)
+        else:  # (batch, ..., r): one example per leading row
             t = torch.bmm(s.reshape(mixer_t.shape[0], -1, self.r), mixer_t).view_as(s)
         return torch.add(self.base_layer(x), F.linear(t, self.lora_B), alpha=self.scaling)
 
-    def _record_unit_state(self, x: Tensor, router: AtomRouter, state: RoutingState) -> None:
+    def _record_unit_state(self, x: Tensor, s: Tensor, router: AtomRouter, state: RoutingState) -> None:
         """Unit state: mean over the unit's Q, K, V of the token-averaged ``A^p x`` (eq. 15-16).
 
         The token average commutes with ``A``, so it is taken once on ``x``.
         The state is read without dropout: routing sees the input itself, so the
-        train-time route matches the eval-time one.
+        train-time route matches the eval-time one. A unit of one projection (a plain
+        MLP's linear) whose ``s = A x`` saw no dropout reads its state off ``s``: the
+        router's work per unit is then at most one token average, not four ops.
         """
-        A = torch.cat([layer.lora_A for layer in self.state_layers])
-        s = F.linear(state.token_mean(x), A).unflatten(-1, (len(self.state_layers), self.r)).mean(-2)
+        if len(self.state_layers) == 1 and not (self.dropout_p and self.training):
+            s = state.token_mean(s)
+        else:
+            A = torch.cat([layer.lora_A for layer in self.state_layers])
+            s = F.linear(state.token_mean(x), A).unflatten(-1, (len(self.state_layers), self.r)).mean(-2)
         state.unit_states[self.unit] = s
         if self.is_entry:
             state.route_block(router, self.block, s)

@@ -10,6 +10,15 @@ through a forward pre-hook on the base model, so it also works inside
 ``generate``, which calls the base model's forward itself. A forward with a
 non-empty KV cache, and every forward after the first inside ``generate``,
 holds the routes of the prefill: the route is computed once from the prompt.
+
+Decoding one prompt (batch 1, beams and ``num_return_sequences`` included: their
+rows repeat the one prompt, so they share its route) merges each projection's
+whole update into a new weight ``W0 + (alpha/r) B (I + g S_b) A`` after prefill and
+puts a plain ``nn.Linear`` holding it in the projection's place until ``generate``
+returns: a merge reaches the frozen model's speed only if the wrapper also leaves
+the call path (DESIGN.md). ``W0`` is never written, so restoring is exact (the
+original modules go back) and models sharing ``W0`` are untouched. Batches of
+several prompts use the folded batched matmul instead (``QueryableLinear``).
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import contextlib
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qlsearch.adapters._wrapper import (
@@ -134,6 +144,11 @@ class QueryableModel(AdapterModel):
         self._pending_route_mask: Tensor | None = None
         self._generating = False
         self._prefilled = False
+        #: Merge the update into the weights while decoding one prompt (False: fold per example).
+        self.merge_decode = True
+        self._mergeable = False  # this generate call decodes one prompt in eval mode
+        self._merged: list[tuple[nn.Module, str, QueryableLinear]] = []  # swapped out now
+        self._merge_places: list[tuple[nn.Module, str, QueryableLinear, _MergedLinear]] = []
         self._encoder: InstructionEncoder | None = None
         base_model.register_forward_pre_hook(self._begin_forward, with_kwargs=True)
 
@@ -166,11 +181,16 @@ class QueryableModel(AdapterModel):
 
     def _begin_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         state = self.state
+        if self._generating and self._prefilled:  # a decode step: the fast path first
+            state.hold = True
+            if self._mergeable and not self._merged:
+                self._merge_updates()
+            return
         cache = kwargs.get("past_key_values")
         cached = cache is not None and (
             cache.get_seq_length() > 0 if hasattr(cache, "get_seq_length") else True
         )
-        if (self._generating and self._prefilled) or (cached and state.routes):
+        if cached and state.routes:
             state.hold = True
             return
         batch = self._batch_size(args, kwargs)
@@ -193,17 +213,57 @@ class QueryableModel(AdapterModel):
         return None
 
     @contextlib.contextmanager
-    def _context(self, instruction: Instruction, route_mask: Tensor | None, generating: bool):
+    def _context(self, instruction: Instruction, route_mask: Tensor | None, generating: bool,
+                 prompts: int | None = None):
         self._pending_instruction = self.embed_instruction(instruction)
         self._pending_route_mask = route_mask
         self._generating, self._prefilled = generating, False
+        self._mergeable = generating and prompts == 1 and self.merge_decode and not self.training
         try:
             yield
         finally:
+            self._restore_updates()
             self._pending_instruction = self._pending_route_mask = None
-            self._generating = self._prefilled = False
+            self._generating = self._prefilled = self._mergeable = False
             if generating:
                 self.state.hold = False
+
+    @torch.no_grad()
+    def _merge_updates(self) -> None:
+        """Swap every adapted projection for a plain linear holding ``W0 + (alpha/r) B (I + g S_b) A``
+        of the held route (row 0: every row decodes the same prompt), once per ``generate``
+        call and inside its time. The small factors ``(alpha/r)(I + g S_b) A`` of the
+        projections of one shape are made by one ``bmm``; each merged weight is then one
+        ``addmm``, which reads ``W0`` and writes the new weight once (the least traffic a
+        merge can have; stacking the weights for one batched GEMM would copy them twice)."""
+        if not self._merge_places:
+            self._merge_places = [(self.base_model.get_submodule(name.rpartition(".")[0]),
+                                   name.rpartition(".")[2], layer, _MergedLinear(layer.base_layer))
+                                  for name, layer in zip(self.adapted, self.adapted_layers(), strict=True)]
+        routes = self.state.routes
+        groups: dict[tuple, list] = {}
+        for place in self._merge_places:
+            A = place[2].lora_A
+            groups.setdefault((A.shape, A.dtype, A.device), []).append(place)
+        for group in groups.values():
+            layers = [layer for _, _, layer, _ in group]
+            A = torch.stack([layer.lora_A for layer in layers])
+            mixers = torch.stack([routes[layer.block].mixers_t[layer.slot][0] for layer in layers])
+            scale = torch.tensor([layer.scaling for layer in layers], dtype=A.dtype, device=A.device)
+            folded = torch.bmm(mixers.transpose(1, 2).to(A.dtype) * scale.view(-1, 1, 1), A)
+            for (parent, child, layer, merged), factor in zip(group, folded.unbind(0), strict=True):
+                w = layer.base_layer.weight
+                merged.weight = torch.addmm(w, layer.lora_B.to(w.dtype), factor.to(w.dtype))
+                parent._modules[child] = merged  # nn.Module's own registry: no __setattr__ checks
+                self._merged.append((parent, child, layer))
+
+    def _restore_updates(self) -> None:
+        """Put the adapted projections back (``W0`` was never written: exact, bit for bit)."""
+        while self._merged:
+            parent, child, layer = self._merged.pop()
+            parent._modules[child] = layer
+        for *_, merged in self._merge_places:
+            merged.weight = None  # free the merged weights between calls
 
     def forward(self, *args, instruction: Instruction = None, route_mask: Tensor | None = None, **kwargs):
         with self._context(instruction, route_mask, generating=False):
@@ -213,9 +273,11 @@ class QueryableModel(AdapterModel):
         """``base_model.generate`` with the route computed at prefill and held for every step.
 
         Beam search and ``num_return_sequences`` repeat batch rows; the
-        instruction and route mask are repeated the same way.
+        instruction and route mask are repeated the same way. One prompt decodes with
+        the update merged into the weights (``merge_decode``; see the module docstring).
         """
-        with self._context(instruction, route_mask, generating=True):
+        with self._context(instruction, route_mask, generating=True,
+                           prompts=self._batch_size(args, kwargs)):
             return self.base_model.generate(*args, **kwargs)
 
     def gradient_checkpointing_enable(self, **kwargs) -> None:
@@ -251,6 +313,20 @@ class QueryableModel(AdapterModel):
 
     def adapted_shapes(self) -> list[tuple[int, int]]:
         return [(m.base_layer.in_features, m.base_layer.out_features) for m in self.adapted_layers()]
+
+
+class _MergedLinear(nn.Module):
+    """What stands in an adapted projection's place while one prompt decodes: ``F.linear``
+    with the merged weight (a plain tensor, set per call) and the base layer's bias."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.bias = base.bias
+        self.weight: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
 
 
 def _rows_for(x: Tensor | None, batch: int | None, name: str) -> Tensor | None:

@@ -128,8 +128,8 @@ class AtomRouter(nn.Module):
         c = self.config
         if block_means.shape[1] == 1:
             return block_means[:, 0], block_means.new_ones(block_means.shape[0], 1)
-        q = rms_norm(self.depth_query(pre_query)).unsqueeze(-1)  # (b, d_k, 1)
-        keys = rms_norm(self.depth_key(block_means))  # (b, i, d_k)
+        q = rms_norm(F.linear(pre_query, self.depth_query.weight)).unsqueeze(-1)  # (b, d_k, 1)
+        keys = rms_norm(F.linear(block_means, self.depth_key.weight))  # (b, i, d_k)
         beta = torch.softmax((keys @ q).squeeze(-1) / (math.sqrt(c.d_k) * c.T_dep), dim=-1)
         return (beta.unsqueeze(1) @ block_means).squeeze(1), beta
 
@@ -158,15 +158,25 @@ class AtomRouter(nn.Module):
         ``keys`` is ``normed_keys()``, made once per forward (None: made here).
         """
         c = self.config
-        query = self.block_prior[block] + self.query_cur(entry_state)
+        # F.linear with the bias slot doing the addition: one op where module call + add were two
+        query = F.linear(entry_state, self.query_cur.weight, self.block_prior[block])
         if instruction is not None and c.lambda_ctx != 0:
             query = query + c.lambda_ctx * self.query_ctx(instruction)
         beta = None
         if block_means is not None:
             summary, beta = self.depth_summary(query, block_means)
-            query = query + self.query_dep(summary)
+            query = F.linear(summary, self.query_dep.weight, query)
         alpha, active = top_k_softmax(self.logits(query, log_prior, keys), c.top_k)
         operator = (alpha @ self.atoms.flatten(1)).view(-1, c.r, c.r)
-        gates = self.gate_logits[self.gate_slices[block]].sigmoid().view(-1, 1, 1, 1)
-        eye = torch.eye(c.r, device=operator.device, dtype=operator.dtype)
-        return Route(alpha, active, beta, operator, torch.addcmul(eye, gates, operator.transpose(1, 2)).unbind(0))
+        return Route(alpha, active, beta, operator, self.mixers_t(block, operator))
+
+    def mixers_t(self, block: int, operator: Tensor) -> tuple[Tensor, ...]:
+        """``(I + g_p S_b)^T`` for each projection ``p`` of ``block``: one outer product of the
+        gates with the flattened ``S_b^T`` added to the identity (one ``addmm``; a broadcast
+        ``addcmul`` over four dimensions takes twice as long on CPU)."""
+        r = self.config.r
+        gates = self.gate_logits[self.gate_slices[block]].sigmoid()
+        flat_t = operator.transpose(1, 2).reshape(1, -1)  # (1, batch r r)
+        eye = torch.eye(r, device=operator.device, dtype=operator.dtype).expand(operator.shape[0], r, r)
+        mixers = torch.addmm(eye.reshape(1, -1), gates.to(flat_t.dtype).unsqueeze(1), flat_t)
+        return mixers.view(-1, *operator.shape).unbind(0)

@@ -1,0 +1,194 @@
+#!/usr/bin/env bash
+# The GPU check: what a short loan of one GPU machine must show, in at most 6 minutes on one GPU.
+#
+#   1. the real-shape profile: the Qwen2.5-0.5B config (random weights), every registered method,
+#      every phase (forward, decode, training step, FLOPs, peak memory), bf16, batch 1 x 128;
+#   2. one trial on the GPU (synthetic Levy task, deep MLP, queryable adapter);
+#   3. a sweep of 4 trials through Ray Tune at 0.25 GPU per trial (the four share the GPU).
+#
+# It writes into OUT (default benchmarks/results/gpu-check/): profile-<tag>.json/.md, trial.json
+# (the trial's record), sweep-status.json (the study after the sweep) and gpu-check.log; it exits
+# non-zero when a step fails or a result is missing.
+#
+#   benchmarks/gpu-check.sh [--out DIR]            on the GPU machine, from the repository root
+#   benchmarks/gpu-check.sh --dry-run [--out DIR]  the same steps on CPU at toy sizes (CI runs it)
+#   benchmarks/gpu-check.sh --wheels [DIR]         on a machine with a package index: the wheels
+#                                                  the GPU machine lacks, into DIR (default .whl)
+#
+# A borrowed GPU machine starts bare: its own torch (2.11 when last seen), transformers, peft,
+# safetensors, pandas and matplotlib, but no optuna, ray or datasets, and no package index.
+# What is missing travels along as wheels: `--wheels` downloads, for CPython 3.12 on manylinux
+# x86-64 and at the versions installed here, exactly the packages listed in MISSING below (never
+# torch: the machine's own CUDA build stays). On the GPU machine, when qlsearch's dependencies do
+# not import, the script installs every wheel under WHEELS (default .whl) with
+# `pip install --no-index --no-deps --target /tmp/site` and puts /tmp/site on PYTHONPATH.
+# Ray's wheel (79 MB for ray 2.60) is larger than the 64 MiB a device call may carry, so
+# `--wheels` splits wheels over 30 MB into DIR/<wheel>.part-* files; carry those in two calls
+# (one to land the first parts, the machine staying warm), and this script joins them first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+MISSING="optuna alembic sqlalchemy mako colorlog greenlet ray jsonschema jsonschema-specifications
+referencing rpds-py tensorboardx datasets dill multiprocess"
+PYTHON="${PYTHON:-python3}"
+WHEELS="${WHEELS:-.whl}"
+DRY=0
+OUT=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --dry-run) DRY=1 ;;
+        --out) OUT="$2"; shift ;;
+        --wheels)
+            dir="${2:-.whl}"
+            mkdir -p "$dir"
+            pins=$("$PYTHON" -m pip list --format=freeze 2>/dev/null | tr 'A-Z_' 'a-z-' |
+                   grep -E "^($(echo $MISSING | tr ' ' '|'))==" || true)
+            # shellcheck disable=SC2086
+            "$PYTHON" -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+                --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+                --platform manylinux2014_x86_64 --platform any -d "$dir" $pins
+            for whl in "$dir"/*.whl; do
+                if [ "$(stat -c %s "$whl")" -gt 31457280 ]; then
+                    split -b 30M "$whl" "$whl.part-" && rm "$whl"
+                fi
+            done
+            ls -la "$dir"
+            exit 0 ;;
+        -h|--help) sed -n 2,30p "$0"; exit 0 ;;
+        *) echo "gpu-check.sh: unknown argument $1; allowed: --dry-run, --out DIR, --wheels [DIR]" >&2
+           exit 2 ;;
+    esac
+    shift
+done
+
+OUT="${OUT:-benchmarks/results/gpu-check}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+LOG="$OUT/gpu-check.log"
+: >"$LOG"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+say() { echo "[gpu-check $(date +%H:%M:%S)] $*" | tee -a "$LOG" >&2; }
+
+# ---- what this machine lacks, from the carried wheels ---------------------------------------
+if ! "$PYTHON" -c "import optuna, ray.tune, datasets, transformers, peft" 2>/dev/null; then
+    [ -d "$WHEELS" ] || { say "qlsearch's dependencies do not import and there is no $WHEELS/: run --wheels where pip works and carry it"; exit 1; }
+    for first in "$WHEELS"/*.part-aa; do
+        [ -e "$first" ] || continue
+        whl="${first%.part-aa}"
+        cat "$whl".part-* >"$whl" && rm "$whl".part-*
+    done
+    say "installing the carried wheels from $WHEELS into /tmp/site"
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site "$WHEELS"/*.whl
+    export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+qlsearch() { "$PYTHON" -m qlsearch.cli "$@"; }
+
+# ---- sizes: the real ones on the GPU, toy ones for the dry run ------------------------------
+if [ "$DRY" = 1 ]; then
+    DEVICE=cpu
+    MODEL="$WORK/toy-qwen2"
+    "$PYTHON" - "$MODEL" <<'EOF'
+import sys
+from transformers import Qwen2Config
+# widths divisible by VB-LoRA's vector length (64)
+Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+            bos_token_id=1, eos_token_id=2).save_pretrained(sys.argv[1])
+EOF
+    PROFILE_SIZE=(--batch 1 --seq 8 --new-tokens 3 --repeats 1 --warmup 1 --threads 1)
+    EPOCHS=1 PRETRAIN_EPOCHS=1 SWEEP_CONCURRENT=2 TAG=dry-run
+else
+    DEVICE=cuda
+    MODEL=benchmarks/configs/qwen2.5-0.5b
+    PROFILE_SIZE=(--batch 1 --seq 128 --new-tokens 16 --repeats 8 --warmup 2)
+    EPOCHS=20 PRETRAIN_EPOCHS=60 SWEEP_CONCURRENT=4 TAG=""
+    "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no GPU visible to torch'" 2>>"$LOG" ||
+        { say "no GPU visible to torch $("$PYTHON" -c 'import torch; print(torch.__version__)'); use --dry-run on CPU"; exit 1; }
+fi
+METHODS=$("$PYTHON" -c "from qlsearch.adapters import list_methods; print(','.join(m.name for m in list_methods()))")
+say "torch $("$PYTHON" -c 'import torch; print(torch.__version__)'), device $DEVICE, methods $METHODS"
+
+# ---- 1. the profile: every method, every phase, bf16 ----------------------------------------
+say "1/3 profile $MODEL"
+qlsearch profile --model "$MODEL" --methods "$METHODS" --device "$DEVICE" --dtype bfloat16 \
+    "${PROFILE_SIZE[@]}" --out "$WORK/profile" ${TAG:+--tag "$TAG"} 2>>"$LOG" | tee -a "$LOG"
+for f in "$WORK"/profile/*; do cp "$f" "$OUT/profile-$(basename "$f")"; done
+
+# ---- 2. one trial ---------------------------------------------------------------------------
+cat >"$WORK/trial.toml" <<EOF
+method = "queryable"
+knobs = {r = 8, num_atoms = 8, top_k = 2, num_blocks = 4, d_k = 16}
+device = "$DEVICE"
+cache_dir = "$WORK/cache"
+[task]
+kind = "synthetic"
+name = "levy"
+backbone = "mlp"
+[train]
+epochs = $EPOCHS
+pretrain_epochs = $PRETRAIN_EPOCHS
+lr = 5e-3
+EOF
+say "2/3 trial on $DEVICE"
+qlsearch trial "$WORK/trial.toml" --out "$OUT/trial.json" 2>>"$LOG" | tee -a "$LOG"
+
+# ---- 3. a sweep of 4 trials at 0.25 GPU each ------------------------------------------------
+cat >"$WORK/gpu-check.toml" <<EOF
+name = "gpu-check"
+seeds = [0]
+num_trials = 4
+sampler = "random"
+objectives = ["best_test_mse", "forward_ms", "trainable_params"]
+[task]
+kind = "synthetic"
+name = "levy"
+backbone = "mlp"
+[train]
+epochs = $EPOCHS
+pretrain_epochs = $PRETRAIN_EPOCHS
+lr = 5e-3
+[space.queryable]
+r = [4, 8]
+num_atoms = [4, 8]
+top_k = [1, 2]
+num_blocks = 4
+d_k = 16
+[resources]
+cpus_per_trial = 1
+gpus_per_trial = 0.25
+max_concurrent = $SWEEP_CONCURRENT
+EOF
+say "3/3 sweep: 4 trials at 0.25 GPU each"
+qlsearch sweep "$WORK/gpu-check.toml" --root "$WORK/runs" --quiet 2>>"$LOG" | tee -a "$LOG"
+qlsearch status gpu-check --root "$WORK/runs" --json >"$OUT/sweep-status.json" 2>>"$LOG"
+
+# ---- every result is there and says what it should ------------------------------------------
+"$PYTHON" - "$OUT" "$DEVICE" <<'EOF' 2>&1 | tee -a "$LOG"
+import glob, json, sys
+out, device = sys.argv[1:]
+(profile_path,) = glob.glob(f"{out}/profile-*.json")
+profile = json.load(open(profile_path))
+rows = profile["methods"]
+# prefill_ms: the decode phase ran; its tokens/s can be null at toy sizes (t(N) - t(1) <= 0 in noise)
+phases = ("forward_ms", "prefill_ms", "train_step_ms", "flops") + (("decode_tokens_per_s",) if device == "cuda" else ())
+for name, row in rows.items():
+    missing = [p for p in phases if row[p] is None and not (name == "frozen" and p == "train_step_ms")]
+    assert not missing, f"profile: {name} has no {missing}"
+    if device == "cuda":
+        assert row["peak_memory_bytes"], f"profile: {name} has no peak memory"
+    print(f"{name:16s} forward x LoRA {row['forward_ratio']:.3f}  x frozen {row['forward_ratio_frozen']:.3f}  "
+          f"decode x frozen {row['decode_ratio_frozen'] or float('nan'):.3f}  train x LoRA {row['train_ratio'] or float('nan'):.3f}")
+trial = json.load(open(f"{out}/trial.json"))
+assert trial["status"] == "completed", f"trial: {trial['status']}: {trial.get('failure')}"
+if device == "cuda":
+    assert trial["profile"]["peak_memory_source"].startswith("torch.cuda"), "trial: did not run on the GPU"
+status = json.load(open(f"{out}/sweep-status.json"))
+states = [t["state"] for t in status["trials"]]
+assert states.count("COMPLETE") == 4, f"sweep: trial states {states}"
+print(f"gpu-check ({device}): profile of {len(rows)} models, 1 trial, 4 sweep trials: all completed")
+EOF
+say "done: results in $OUT"

@@ -1,0 +1,117 @@
+"""Decoding one prompt with the update merged into the weights: the same tokens as the unmerged
+(folded) path, the adapted modules out of the call path while decoding, and every weight and
+module restored exactly afterwards, also when ``generate`` fails half-way."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qlsearch.adapters.queryable import QueryableLinear
+from tests.test_queryable_model import adapted, tokens
+
+CASES = [{}, {"num_beams": 3}, {"num_beams": 2, "num_return_sequences": 2}]
+
+
+def generate(model, x, **kw):
+    with torch.no_grad():
+        return model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=8,
+                              min_new_tokens=8, do_sample=False, pad_token_id=0,
+                              output_scores=True, return_dict_in_generate=True, **kw)
+
+
+def snapshot(model) -> tuple[dict, list]:
+    """Every tensor of the model (cloned) and the module objects in the adapted places."""
+    tensors = {n: t.detach().clone() for n, t in model.state_dict(keep_vars=True).items()}
+    return tensors, [id(m) for m in model.adapted_layers()]
+
+
+def assert_restored(model, before) -> None:
+    tensors, modules = before
+    after = model.state_dict(keep_vars=True)
+    assert after.keys() == tensors.keys()
+    for name, t in tensors.items():
+        # bit for bit: equal values and equal bytes (torch.equal treats -0.0 == 0.0)
+        assert torch.equal(after[name].view(torch.uint8), t.view(torch.uint8)), name
+    assert [id(m) for m in model.adapted_layers()] == modules
+    assert all(isinstance(m, QueryableLinear) for m in model.adapted_layers())
+
+
+def calls_of_adapted_layers(model) -> list[int]:
+    counts = [0]
+
+    def count(module, args):
+        counts[0] += 1
+
+    handles = [m.register_forward_pre_hook(count) for m in model.adapted_layers()]
+    return counts, handles
+
+
+@pytest.mark.parametrize("kw", CASES)
+def test_merged_decoding_gives_the_unmerged_tokens_and_restores_every_weight(kw):
+    model = adapted("qwen2", tau_lang=1.0, lambda_ctx=1.0)
+    x, e = tokens(batch=1, length=5), torch.randn(1, 384)
+    before = snapshot(model)
+    merged = generate(model, x, instruction=e, **kw)
+    assert_restored(model, before)
+    model.merge_decode = False
+    unmerged = generate(model, x, instruction=e, **kw)
+    assert torch.equal(merged.sequences, unmerged.sequences)
+    for a, b in zip(merged.scores, unmerged.scores, strict=True):  # same logits up to rounding
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert not model.state.hold
+
+
+def test_merged_decoding_takes_the_adapter_out_of_the_call_path():
+    model = adapted("qwen2")
+    x = tokens(batch=1, length=5)
+    counts, handles = calls_of_adapted_layers(model)
+    generate(model, x)
+    assert counts[0] == len(model.adapted)  # the prefill only: decode steps ran merged linears
+    model.merge_decode = False
+    counts[0] = 0
+    generate(model, x)
+    assert counts[0] == 8 * len(model.adapted)  # prefill + 7 decode steps through the adapter
+    for h in handles:
+        h.remove()
+
+
+def test_several_prompts_are_not_merged():
+    model = adapted("qwen2")
+    counts, _ = calls_of_adapted_layers(model)
+    generate(model, tokens(batch=2, length=5))
+    assert counts[0] == 8 * len(model.adapted)  # each example has its own route: folded, not merged
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def test_a_failing_generate_still_restores_the_adapter():
+    model = adapted("qwen2")
+    x = tokens(batch=1, length=5)
+    before = snapshot(model)
+    steps = []
+
+    def fail_on_third_step(input_ids, scores, **kwargs):
+        steps.append(input_ids.shape[1])
+        if len(steps) == 3:
+            # the merged linears are in place now
+            assert not any(isinstance(m, QueryableLinear) for m in model.adapted_layers())
+            raise Boom("stopped")
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    from transformers import StoppingCriteriaList
+
+    with pytest.raises(Boom):
+        generate(model, x, stopping_criteria=StoppingCriteriaList([fail_on_third_step]))
+    assert_restored(model, before)
+    assert not model.state.hold
+
+
+def test_merged_decoding_in_bfloat16_gives_the_unmerged_tokens():
+    model = adapted("qwen2").to(torch.bfloat16)
+    x = tokens(batch=1, length=5)
+    merged = generate(model, x).sequences
+    model.merge_decode = False
+    assert torch.equal(merged, generate(model, x).sequences)
