@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from qlsearch.adapters import attach, get_method
+from qlsearch.profiling._quiet import quiet_device
 from qlsearch.train import History, TrialDiverged
 
 TASK_KINDS = ("synthetic", "text")
@@ -113,6 +114,9 @@ class TrialConfig:
     profile: bool = True
     device: str = "auto"  # "auto": CUDA when present
     cache_dir: str = "runs/cache"
+    #: where quiet per-configuration latency measurements are kept (a sweep: ``<run>/latency``);
+    #: None: ``<cache_dir>/latency``
+    latency_cache: str | None = None
 
     def __post_init__(self) -> None:
         method = get_method(self.method)  # raises naming the allowed methods
@@ -192,7 +196,8 @@ def run_trial(config: TrialConfig, progress=None) -> dict:
     try:
         torch.manual_seed(config.seed)
         run = _run_synthetic if config.task.kind == "synthetic" else _run_text
-        metrics, history, profile = run(config, _device(config.device), progress)
+        with quiet_device().working():  # paused while any trial on this node times its latency
+            metrics, history, profile = run(config, _device(config.device), progress)
         record.update(status="completed", metrics=metrics, history=asdict(history), profile=profile)
     except TrialDiverged as err:
         record.update(status="failed", failure=f"diverged: {err}")
@@ -215,17 +220,50 @@ def write_record(record: dict, path: str | Path) -> Path:
 # ---- the two experiment families --------------------------------------------------
 
 
-def _attach(model: nn.Module, config: TrialConfig, **defaults) -> nn.Module:
-    """The trial's method on ``model``; ``defaults`` fill knobs the trial leaves unset."""
+def _knobs(config: TrialConfig, **defaults) -> dict:
+    """The trial's knobs; ``defaults`` fill knobs the trial leaves unset."""
     knobs = {**defaults, **config.knobs}
     if "seed" in get_method(config.method).knobs:
         knobs.setdefault("seed", config.seed)  # the adapter's initialisation follows the trial seed
-    return attach(model, config.method, **knobs)
+    return knobs
+
+
+def _adapt(base: nn.Module, config: TrialConfig, knobs: dict) -> tuple[nn.Module, nn.Module | None]:
+    """The trial's method on ``base``, its forward yielding to latency measurements, and
+    (when the trial profiles) a frozen copy of ``base`` taken before adapting it."""
+    from qlsearch.profiling._subjects import shared_copy
+
+    frozen = shared_copy(base) if config.profile else None
+    model = attach(base, config.method, **knobs)
+    quiet_device().yield_on_forward(model)
+    return model, frozen
+
+
+def _latency(config: TrialConfig, frozen: nn.Module | None, knobs: dict, inputs: dict,
+             extra: dict | None = None) -> dict | None:
+    """The configuration's quiet latency at ``inputs``, measured (or found in the study's
+    cache) on an untrained copy, before training; None when the trial does not profile."""
+    from qlsearch.profiling._latency import measure_latency
+
+    if frozen is None:
+        return None
+    cache = config.latency_cache or Path(config.cache_dir) / "latency"
+    return measure_latency(frozen, config.method, knobs, inputs, extra=extra, cache_dir=cache,
+                           code=git_revision())
+
+
+def _profile(model: nn.Module, args: tuple, kwargs: dict, latency: dict | None) -> dict:
+    """The trained model's profile; its latency fields are the quiet measurement's."""
+    from qlsearch.profiling._trained import profile_trained
+
+    if latency is None:
+        return {}
+    fields = ("forward_ms", "forward_ms_spread", "forward_ratio", "forward_ratio_spread", "batch")
+    return {**profile_trained(model, args, kwargs), **{k: latency[k] for k in fields}, "latency": latency}
 
 
 def _run_synthetic(config: TrialConfig, device: torch.device, progress):
     from qlsearch.backbones import SYNTHETIC_TARGETS, pretrained_backbone
-    from qlsearch.profiling._trained import profile_trained
     from qlsearch.tasks.synthetic import make_splits
     from qlsearch.train import regression_fit
 
@@ -233,9 +271,12 @@ def _run_synthetic(config: TrialConfig, device: torch.device, progress):
     splits = make_splits(task.name, config.seed)
     backbone = pretrained_backbone(task.name, task.backbone, config.seed, config.cache_dir,
                                    epochs=train.pretrain_epochs, lr=train.pretrain_lr, device=device)
-    # every linear of the layers, named (PEFT's "all-linear" only knows HF models)
-    model = _attach(backbone, config, target_modules=SYNTHETIC_TARGETS[task.backbone]).to(device)
     on = [tuple(t.to(device) for t in pair) for pair in (splits.target_train, splits.target_test)]
+    # every linear of the layers, named (PEFT's "all-linear" only knows HF models)
+    knobs = _knobs(config, target_modules=SYNTHETIC_TARGETS[task.backbone])
+    model, frozen = _adapt(backbone, config, knobs)
+    model = model.to(device)
+    latency = _latency(config, frozen, knobs, {"x": on[1][0][: train.batch_size]})
     history = regression_fit(model, on[0], on[1], epochs=train.epochs, lr=train.lr,
                              batch_size=train.batch_size, seed=config.seed,
                              eval_every=train.eval_every, weight_decay=train.weight_decay,
@@ -246,7 +287,7 @@ def _run_synthetic(config: TrialConfig, device: torch.device, progress):
     with torch.no_grad():
         model(x_test)
     metrics.update(_routing_summary(model))
-    profile = profile_trained(model, (x_test[: train.batch_size],), {}) if config.profile else {}
+    profile = _profile(model, (x_test[: train.batch_size],), {}, latency)
     return metrics, history, profile
 
 
@@ -255,7 +296,6 @@ def _run_text(config: TrialConfig, device: torch.device, progress):
 
     from qlsearch.adapters.queryable import QueryableModel
     from qlsearch.backbones import load_hf_model
-    from qlsearch.profiling._trained import profile_trained
     from qlsearch.tasks.text import (
         encode_for_training,
         evaluate_generation,
@@ -270,7 +310,8 @@ def _run_text(config: TrialConfig, device: torch.device, progress):
     tokenizer = AutoTokenizer.from_pretrained(task.backbone)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = _attach(load_hf_model(task.backbone, seed=config.seed, device=device), config)
+    knobs = _knobs(config)
+    model, frozen = _adapt(load_hf_model(task.backbone, seed=config.seed, device=device), config, knobs)
     examples = {split: load_task(task.name, split, limit=limit, data_files=task.data_files, seed=config.seed)
                 for split, limit in (("train", task.limit_train), ("test", task.limit_test))}
     routed = isinstance(model, QueryableModel)  # takes the route mask and the instruction
@@ -283,6 +324,12 @@ def _run_text(config: TrialConfig, device: torch.device, progress):
             kwargs["route_mask"] = data["route_mask"][index].to(device)
             kwargs["instruction"] = [data["instruction"][i] for i in index.tolist()]
         return m(**kwargs).loss
+
+    first = torch.arange(min(train.batch_size, len(encoded["test"]["input_ids"])))
+    sample = {k: encoded["test"][k][first].to(device) for k in ("input_ids", "attention_mask")}
+    routing = ({"route_mask": encoded["test"]["route_mask"][first].to(device),
+                "instruction": [encoded["test"]["instruction"][i] for i in first.tolist()]} if routed else {})
+    latency = _latency(config, frozen, knobs, sample, routing)
 
     def evaluate(m: nn.Module) -> tuple[float, float]:
         return tuple(  # type: ignore[return-value]
@@ -301,8 +348,7 @@ def _run_text(config: TrialConfig, device: torch.device, progress):
         scores = score(model, tokenizer, examples[split], batch_size=train.batch_size, **extra)
         metrics.update({f"{split}_{k}": v for k, v in scores.items()})
     metrics.update(_routing_summary(model))
-    sample = {k: encoded["test"][k][: train.batch_size].to(device) for k in ("input_ids", "attention_mask")}
-    profile = profile_trained(model, (), sample) if config.profile else {}
+    profile = _profile(model, (), sample, latency)
     return metrics, history, profile
 
 
