@@ -158,6 +158,22 @@ def _trainable(config: dict, study: Study, run_dir: str):
 # ---- the searcher: all Optuna writes, in the driver ----------------------------------
 
 
+def _nested(result: dict, name: str) -> dict | None:
+    """``result[name]`` as the trial reported it: Tune hands the searcher a flattened
+    result (``latency/forward_ratio_spread/q25``), so the dict is rebuilt from its keys."""
+    if isinstance(result.get(name), dict):
+        return result[name]
+    found: dict = {}
+    for key, value in result.items():
+        if key.startswith(f"{name}/"):
+            *parents, leaf = key.split("/")[1:]
+            node = found
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+    return found or None
+
+
 class StudySearch(OptunaSearch):
     """``OptunaSearch`` that records each trial's configuration and outcome as user attrs,
     and never leaves an Optuna trial RUNNING: anything but a completed trial with finite
@@ -195,7 +211,7 @@ class StudySearch(OptunaSearch):
         ok = finished and all(isinstance(v, int | float) and math.isfinite(v) for v in values)
         attrs = {"status": result.get("status", "error"), "tune_trial_id": trial_id,
                  "record_dir": result.get("record_dir"), "trial_seconds": result.get("trial_seconds"),
-                 "latency": result.get("latency")}
+                 "latency": _nested(result, "latency")}
         attrs.update({k: v for k, v in result.items() if k.endswith("_std")})
         if not ok:
             attrs["failure"] = result.get("failure") or (

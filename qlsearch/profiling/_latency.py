@@ -84,9 +84,10 @@ def latency_key(base: nn.Module, method: str, knobs: dict, inputs: dict, extra: 
 def _subjects(base: nn.Module, method: str, knobs: dict, extra: dict) -> list[Subject]:
     """Frozen, reference LoRA and the configuration: adapted copies sharing ``base``'s weights."""
     targets = knobs.get("target_modules")
+    device = next(base.parameters()).device
     reference = attach(shared_copy(base), REFERENCE, r=REFERENCE_RANK,
-                       **({"target_modules": targets} if targets is not None else {})).eval()
-    adapted = attach(shared_copy(base), method, **knobs).eval()
+                       **({"target_modules": targets} if targets is not None else {})).to(device).eval()
+    adapted = attach(shared_copy(base), method, **knobs).to(device).eval()
     frozen = shared_copy(base).eval()  # eval mode without changing the caller's model
     return [Subject(FROZEN, frozen, frozen), Subject(REFERENCE, reference, reference),
             Subject(MEASURED, adapted, adapted, extra)]
