@@ -39,7 +39,9 @@ METRICS: dict[str, Metric] = _metrics(
     ("test_accuracy_norm", "maximize", "test accuracy (length-normalised)", "metrics"),
     ("train_accuracy", "maximize", "train accuracy", "metrics"),
     ("gradient_concentration", "minimize", "gradient concentration index (max/mean)", "metrics"),
-    ("forward_ms", "minimize", "forward latency (ms)", "profile"),
+    # both measured quietly per configuration, at the trial's test batch (its size is in the record)
+    ("forward_ms", "minimize", "forward latency (ms per batch)", "profile"),
+    ("forward_ratio", "minimize", "forward latency / PEFT LoRA r=8", "profile"),
     ("trainable_params", "minimize", "trainable parameters", "profile"),
     ("stored_bytes", "minimize", "adapter size (bytes)", "profile"),
     ("flops", "minimize", "FLOPs per forward", "profile"),

@@ -99,8 +99,13 @@ def aggregate(records: list[dict], objectives: list[str]) -> dict:
     return result
 
 
-def run_configuration(config: dict, study: Study, record_dir: str, report=None) -> dict:
+def run_configuration(config: dict, study: Study, record_dir: str, report=None,
+                      latency_cache: str | None = None) -> dict:
     """Run ``config`` on every seed; returns the result Tune reports (objectives = means).
+
+    ``latency`` in the result is the configuration's quiet latency measurement
+    (qlsearch/profiling/_latency.py): one per configuration, shared by its seeds,
+    kept under ``latency_cache`` (the study's ``<run>/latency``) so reruns reuse it.
 
     With ``report`` (the ASHA scheduler), every evaluation also reports the primary
     objective so far, the other objectives as NaN, so the scheduler can stop it early.
@@ -124,7 +129,7 @@ def run_configuration(config: dict, study: Study, record_dir: str, report=None) 
     for seed in study.seeds:
         trial = TrialConfig(method=config["method"], knobs=dict(config["knobs"]), task=study.task,
                             train=study.train, seed=seed, profile=study.profile,
-                            cache_dir=study.cache_dir)
+                            cache_dir=study.cache_dir, latency_cache=latency_cache)
         record = run_trial(trial, progress=progress)
         record["baseline"] = config.get("baseline")
         records.append(record)
@@ -134,6 +139,7 @@ def run_configuration(config: dict, study: Study, record_dir: str, report=None) 
             break  # the configuration failed: the other seeds would not rescue its objectives
     result = {"status": "failed" if failure else "completed", "failure": failure,
               "record_dir": record_dir, "trial_seconds": time.time() - started,
+              "latency": next((r["profile"]["latency"] for r in records if "latency" in r["profile"]), None),
               **aggregate(records, objectives)}
     if failure:
         result.update(dict.fromkeys(objectives, float("nan")))
@@ -145,10 +151,27 @@ def _trainable(config: dict, study: Study, run_dir: str):
 
     record_dir = Path(run_dir) / "trials" / tune.get_context().get_trial_id()
     report = tune.report if study.scheduler == "asha" else None
-    tune.report(run_configuration(config, study, str(record_dir), report))
+    tune.report(run_configuration(config, study, str(record_dir), report,
+                                  latency_cache=str(Path(run_dir) / "latency")))
 
 
 # ---- the searcher: all Optuna writes, in the driver ----------------------------------
+
+
+def _nested(result: dict, name: str) -> dict | None:
+    """``result[name]`` as the trial reported it: Tune hands the searcher a flattened
+    result (``latency/forward_ratio_spread/q25``), so the dict is rebuilt from its keys."""
+    if isinstance(result.get(name), dict):
+        return result[name]
+    found: dict = {}
+    for key, value in result.items():
+        if key.startswith(f"{name}/"):
+            *parents, leaf = key.split("/")[1:]
+            node = found
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+    return found or None
 
 
 class StudySearch(OptunaSearch):
@@ -187,7 +210,8 @@ class StudySearch(OptunaSearch):
         finished = result.get("status") == "completed"
         ok = finished and all(isinstance(v, int | float) and math.isfinite(v) for v in values)
         attrs = {"status": result.get("status", "error"), "tune_trial_id": trial_id,
-                 "record_dir": result.get("record_dir"), "trial_seconds": result.get("trial_seconds")}
+                 "record_dir": result.get("record_dir"), "trial_seconds": result.get("trial_seconds"),
+                 "latency": _nested(result, "latency")}
         attrs.update({k: v for k, v in result.items() if k.endswith("_std")})
         if not ok:
             attrs["failure"] = result.get("failure") or (

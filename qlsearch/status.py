@@ -39,8 +39,20 @@ def open_existing(study_or_name: str, root: str | Path = "runs"):
         raise ValueError(f"STUDY: {url} holds no study named {name!r}") from None
 
 
+#: A trial's quiet latency measurement as status shows it (qlsearch/profiling/_latency.py):
+#: ``unit`` says per batch of how many examples; ``quiet`` whether the node was quiet.
+LATENCY_FIELDS = ("forward_ms", "forward_ms_spread", "forward_ratio", "forward_ratio_spread",
+                  "frozen_ms", "reference_ms", "batch", "unit", "reference", "quiet", "cached")
+
+
+def _latency(attrs: dict) -> dict | None:
+    latency = attrs.get("latency")
+    return {k: latency.get(k) for k in LATENCY_FIELDS} if latency else None
+
+
 def _row(trial: optuna.trial.FrozenTrial, objectives: list[str]) -> dict:
     attrs = trial.user_attrs
+    latency = _latency(attrs)
     return {
         "number": trial.number,
         "state": trial.state.name,
@@ -50,6 +62,8 @@ def _row(trial: optuna.trial.FrozenTrial, objectives: list[str]) -> dict:
         "values": dict(zip(objectives, trial.values, strict=True)) if trial.values else None,
         "failure": attrs.get("failure"),
         "seconds": attrs.get("trial_seconds"),
+        "forward_ratio": latency and latency["forward_ratio"],
+        "latency": latency,
     }
 
 
@@ -89,18 +103,23 @@ def format_status(status: dict) -> str:
     lines = [f"study {status['study']}: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(status["counts"].items())),
              "objectives: " + ", ".join(f"{o['metric']} ({o['direction']})" for o in status["objectives"]),
              ""]
-    header = ["#", "state", "method", *objectives, "knobs / failure"]
+    header = ["#", "state", "method", *objectives, "xLoRA", "knobs / failure"]
     rows = []
     for t in status["trials"]:
         who = t["baseline"] or t["method"] or "?"
         values = [_fmt((t["values"] or {}).get(m)) for m in objectives]
         detail = t["failure"] or " ".join(f"{k}={_fmt(v)}" for k, v in sorted((t["knobs"] or {}).items()))
         rows.append([f"{t['number']}{'*' if t['number'] in front else ''}", t["state"].lower(), who,
-                     *values, detail])
+                     *values, _fmt(t.get("forward_ratio")), detail])
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
     for row in [header, *rows]:
         lines.append("  ".join(str(x).ljust(w) for x, w in zip(row[:-1], widths[:-1], strict=True)) + "  " + row[-1])
     lines += ["", f"Pareto front (*): trials {', '.join(map(str, sorted(front))) or 'none yet'}"]
+    measured = [t["latency"] for t in status["trials"] if t.get("latency")]
+    if measured:
+        units = sorted({m["unit"] for m in measured})
+        lines.append(f"latency: forward_ms in {' / '.join(units)}, measured once per configuration with the "
+                     f"node quiet; xLoRA = forward_ms / {measured[0]['reference']}, same process and inputs")
     for sweep in status["sweeps"]:
         if "overhead_fraction" in sweep:
             lines.append(f"sweep: {sweep['wall_seconds']:.1f}s wall, {sweep['trial_seconds']:.1f}s with trials "

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from qlsearch.adapters import attach, get_method
+from qlsearch.profiling._quiet import quiet_device
 from qlsearch.train import History, TrialDiverged
 
 TASK_KINDS = ("synthetic", "text")
@@ -133,6 +134,9 @@ class TrialConfig:
     profile: bool = True
     device: str = "auto"  # "auto": CUDA when present
     cache_dir: str = "runs/cache"
+    #: where quiet per-configuration latency measurements are kept (a sweep: ``<run>/latency``);
+    #: None: ``<cache_dir>/latency``
+    latency_cache: str | None = None
 
     def __post_init__(self) -> None:
         method = get_method(self.method)  # raises naming the allowed methods
@@ -215,7 +219,8 @@ def run_trial(config: TrialConfig, progress=None) -> dict:
     try:
         torch.manual_seed(config.seed)
         run = _run_synthetic if config.task.kind == "synthetic" else _run_text
-        metrics, history, profile, adapter = run(config, _device(config.device), progress)
+        with quiet_device().working():  # paused while any trial on this node times its latency
+            metrics, history, profile, adapter = run(config, _device(config.device), progress)
         record.update(status="completed", metrics=metrics, history=asdict(history), profile=profile,
                       **adapter)
     except TrialDiverged as err:
@@ -239,23 +244,54 @@ def write_record(record: dict, path: str | Path) -> Path:
 # ---- the two experiment families --------------------------------------------------
 
 
-def _attach(model: nn.Module, config: TrialConfig, targets: list[str]) -> tuple[nn.Module, dict]:
-    """The trial's method on ``model``, adapting ``targets`` under ``train.precision``, and
-    what the record states about it: ``precision``, ``adapter_dtype``, ``compute_dtype``
-    and ``targets`` (the linears it adapted)."""
-    from qlsearch.adapters._precision import adapted_targets, precision_of
-
+def _knobs(config: TrialConfig, targets: list[str]) -> dict:
+    """The trial's knobs, adapting ``targets`` (the same linears for every method)."""
     knobs = {**config.knobs, "target_modules": list(targets)}
     if "seed" in get_method(config.method).knobs:
         knobs.setdefault("seed", config.seed)  # the adapter's initialisation follows the trial seed
-    model = attach(model, config.method, precision=config.train.precision, **knobs)
-    return model, {"precision": config.train.precision, **precision_of(model),
-                   "targets": adapted_targets(model)}
+    return knobs
+
+
+def _adapt(base: nn.Module, config: TrialConfig, knobs: dict) -> tuple[nn.Module, nn.Module | None, dict]:
+    """The trial's method on ``base`` under ``train.precision``, its forward yielding to latency
+    measurements; (when the trial profiles) a frozen copy of ``base`` taken before adapting it;
+    and what the record states about the adapter: ``precision``, ``adapter_dtype``,
+    ``compute_dtype`` and ``targets`` (the linears it adapted)."""
+    from qlsearch.adapters._precision import adapted_targets, precision_of
+    from qlsearch.profiling._subjects import shared_copy
+
+    frozen = shared_copy(base) if config.profile else None
+    model = attach(base, config.method, precision=config.train.precision, **knobs)
+    quiet_device().yield_on_forward(model)
+    return model, frozen, {"precision": config.train.precision, **precision_of(model),
+                           "targets": adapted_targets(model)}
+
+
+def _latency(config: TrialConfig, frozen: nn.Module | None, knobs: dict, inputs: dict,
+             extra: dict | None = None) -> dict | None:
+    """The configuration's quiet latency at ``inputs``, measured (or found in the study's
+    cache) on an untrained copy, before training; None when the trial does not profile."""
+    from qlsearch.profiling._latency import measure_latency
+
+    if frozen is None:
+        return None
+    cache = config.latency_cache or Path(config.cache_dir) / "latency"
+    return measure_latency(frozen, config.method, {**knobs, "precision": config.train.precision},
+                           inputs, extra=extra, cache_dir=cache, code=git_revision())
+
+
+def _profile(model: nn.Module, args: tuple, kwargs: dict, latency: dict | None) -> dict:
+    """The trained model's profile; its latency fields are the quiet measurement's."""
+    from qlsearch.profiling._trained import profile_trained
+
+    if latency is None:
+        return {}
+    fields = ("forward_ms", "forward_ms_spread", "forward_ratio", "forward_ratio_spread", "batch")
+    return {**profile_trained(model, args, kwargs), **{k: latency[k] for k in fields}, "latency": latency}
 
 
 def _run_synthetic(config: TrialConfig, device: torch.device, progress):
     from qlsearch.backbones import SYNTHETIC_TARGETS, pretrained_backbone
-    from qlsearch.profiling._trained import profile_trained
     from qlsearch.tasks.synthetic import make_splits
     from qlsearch.train import regression_fit
 
@@ -266,9 +302,11 @@ def _run_synthetic(config: TrialConfig, device: torch.device, progress):
     # every linear of the layers, named (PEFT's "all-linear" only knows HF models); the
     # backbone is pre-trained (and cached) in float32, then cast to the trial's dtype
     dtype = getattr(torch, task.dtype)
-    model, adapter = _attach(backbone.to(dtype), config, task.targets or SYNTHETIC_TARGETS[task.backbone])
-    model = model.to(device)
     on = [tuple(t.to(device, dtype) for t in pair) for pair in (splits.target_train, splits.target_test)]
+    knobs = _knobs(config, task.targets or SYNTHETIC_TARGETS[task.backbone])
+    model, frozen, adapter = _adapt(backbone.to(dtype), config, knobs)
+    model = model.to(device)
+    latency = _latency(config, frozen, knobs, {"x": on[1][0][: train.batch_size]})
     history = regression_fit(model, on[0], on[1], epochs=train.epochs, lr=train.lr,
                              batch_size=train.batch_size, seed=config.seed,
                              eval_every=train.eval_every, weight_decay=train.weight_decay,
@@ -279,7 +317,7 @@ def _run_synthetic(config: TrialConfig, device: torch.device, progress):
     with torch.no_grad():
         model(x_test)
     metrics.update(_routing_summary(model))
-    profile = profile_trained(model, (x_test[: train.batch_size],), {}) if config.profile else {}
+    profile = _profile(model, (x_test[: train.batch_size],), {}, latency)
     return metrics, history, profile, adapter
 
 
@@ -289,7 +327,6 @@ def _run_text(config: TrialConfig, device: torch.device, progress):
     from qlsearch.adapters._wrapper import layer_linear_names
     from qlsearch.adapters.queryable import QueryableModel
     from qlsearch.backbones import load_hf_model
-    from qlsearch.profiling._trained import profile_trained
     from qlsearch.tasks.text import (
         encode_for_training,
         evaluate_generation,
@@ -305,7 +342,8 @@ def _run_text(config: TrialConfig, device: torch.device, progress):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     backbone = load_hf_model(task.backbone, dtype=task.dtype, seed=config.seed, device=device)
-    model, adapter = _attach(backbone, config, task.targets or layer_linear_names(backbone))
+    knobs = _knobs(config, task.targets or layer_linear_names(backbone))
+    model, frozen, adapter = _adapt(backbone, config, knobs)
     examples = {split: load_task(task.name, split, limit=limit, data_files=task.data_files, seed=config.seed)
                 for split, limit in (("train", task.limit_train), ("test", task.limit_test))}
     routed = isinstance(model, QueryableModel)  # takes the route mask and the instruction
@@ -318,6 +356,12 @@ def _run_text(config: TrialConfig, device: torch.device, progress):
             kwargs["route_mask"] = data["route_mask"][index].to(device)
             kwargs["instruction"] = [data["instruction"][i] for i in index.tolist()]
         return m(**kwargs).loss
+
+    first = torch.arange(min(train.batch_size, len(encoded["test"]["input_ids"])))
+    sample = {k: encoded["test"][k][first].to(device) for k in ("input_ids", "attention_mask")}
+    routing = ({"route_mask": encoded["test"]["route_mask"][first].to(device),
+                "instruction": [encoded["test"]["instruction"][i] for i in first.tolist()]} if routed else {})
+    latency = _latency(config, frozen, knobs, sample, routing)
 
     def evaluate(m: nn.Module) -> tuple[float, float]:
         return tuple(  # type: ignore[return-value]
@@ -336,8 +380,7 @@ def _run_text(config: TrialConfig, device: torch.device, progress):
         scores = score(model, tokenizer, examples[split], batch_size=train.batch_size, **extra)
         metrics.update({f"{split}_{k}": v for k, v in scores.items()})
     metrics.update(_routing_summary(model))
-    sample = {k: encoded["test"][k][: train.batch_size].to(device) for k in ("input_ids", "attention_mask")}
-    profile = profile_trained(model, (), sample) if config.profile else {}
+    profile = _profile(model, (), sample, latency)
     return metrics, history, profile, adapter
 
 

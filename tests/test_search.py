@@ -57,6 +57,7 @@ def test_sweep_runs_end_to_end_and_front_is_non_dominated(tmp_path, ray_session,
     trials = ot.get_trials()
     assert len(trials) == 6 and all(t.state.is_finished() for t in trials)
     by_label = {t.user_attrs.get("baseline"): t for t in trials}
+    by_number = {t.number: t for t in trials}
     assert by_label["lora"].state == optuna.trial.TrialState.COMPLETE
     # the failing configurations are recorded with their reasons; the sweep went on
     assert by_label["lora-diverges"].state == optuna.trial.TrialState.FAIL
@@ -84,6 +85,15 @@ def test_sweep_runs_end_to_end_and_front_is_non_dominated(tmp_path, ray_session,
     assert status["front"] == [t.number for t in front]
     assert status["counts"] == {"COMPLETE": 4, "FAIL": 2}
     assert status["sweeps"][0]["overhead_fraction"] == summary["overhead_fraction"]
+    # every completed trial carries its configuration's quiet latency, in the record and in status
+    for row in status["trials"]:
+        if row["state"] == "COMPLETE":
+            record = json.loads((Path(by_number[row["number"]].user_attrs["record_dir"]) / "seed0.json").read_text())
+            assert row["forward_ratio"] == record["profile"]["forward_ratio"] > 0
+            assert row["latency"]["unit"] == "ms per forward of a batch of 200" and row["latency"]["quiet"]
+            assert row["latency"]["forward_ms"] == record["profile"]["forward_ms"]
+    # one measurement per configuration that attached: the four completed and the diverging one
+    assert len(list((tmp_path / "runs" / "tiny" / "latency").glob("*.json"))) == 5
 
 
 def test_rerunning_a_finished_study_runs_nothing(tmp_path, ray_session):

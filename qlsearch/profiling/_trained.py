@@ -1,27 +1,23 @@
-"""The profile every trial record carries: parameters, forward latency, FLOPs, memory.
+"""The profile every trial record carries: parameters, FLOPs, memory (latency: see below).
 
 Measured on the trained model with one batch of the trial's own test inputs,
-so a study can optimise these fields beside accuracy. Cross-method ratios
-belong to ``profile_methods`` (same process, interleaved); a trial's numbers
-are absolute.
+so a study can optimise these fields beside accuracy. Latency is not timed
+here: a trial's neighbours would be timed with it. The trial takes it from
+the quiet, per-configuration measurement (``_latency.py``).
 """
 
 from __future__ import annotations
-
-import statistics
 
 import torch
 from torch import nn
 
 from qlsearch.profiling._flops import count_flops
 from qlsearch.profiling._subjects import count_parameters, resident_bytes
-from qlsearch.profiling._timing import Clock, Spread
 
 
-def profile_trained(model: nn.Module, args: tuple, kwargs: dict, repeats: int = 20,
-                    warmup: int = 3) -> dict:
-    """``trainable_params``, ``total_params``, ``stored_bytes``, ``forward_ms`` (median) with
-    its spread, ``batch``, ``flops``/``matmul_flops`` and ``peak_memory_bytes`` of one forward.
+def profile_trained(model: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """``trainable_params``, ``total_params``, ``stored_bytes``, ``batch``,
+    ``flops``/``matmul_flops`` and ``peak_memory_bytes`` of one forward.
 
     Peak memory is what CUDA's allocator adds above the model during the forward;
     on CPU no allocator keeps such a peak, so it is ``None`` rather than a guess
@@ -29,15 +25,11 @@ def profile_trained(model: nn.Module, args: tuple, kwargs: dict, repeats: int = 
     """
     model.eval()
     device = next(model.parameters()).device
-    clock = Clock(device.type)
 
     def call():
         with torch.inference_mode():
             return model(*args, **kwargs)
 
-    for _ in range(warmup):
-        call()
-    samples = [clock.time_ms(call) for _ in range(repeats)]
     trainable, total = count_parameters(model)
     first = args[0] if args else next(iter(kwargs.values()))
     profile = {
@@ -46,8 +38,6 @@ def profile_trained(model: nn.Module, args: tuple, kwargs: dict, repeats: int = 
         "stored_bytes": sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad),
         "model_bytes": resident_bytes(model),
         "batch": int(first.shape[0]),
-        "forward_ms": statistics.median(samples),
-        "forward_ms_spread": Spread.of(samples).as_dict(),
         "threads": torch.get_num_threads(),
         **count_flops(call),
     }
