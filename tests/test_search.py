@@ -20,7 +20,7 @@ from qlsearch.study import parse_study
 ray = pytest.importorskip("ray")
 
 TINY = {
-    "objectives": ["best_test_mse", "trainable_params"],
+    "objectives": ["val_mse", "trainable_params"],
     "task": {"kind": "synthetic", "name": "sin_cos", "backbone": "mlp"},
     "train": {"epochs": 2, "pretrain_epochs": 1, "batch_size": 200},
     "space": {"queryable": {"r": [2, 4], "num_atoms": [2, 4], "top_k": [1, 2, 4], "num_blocks": 2,
@@ -97,7 +97,7 @@ def test_rerunning_a_finished_study_runs_nothing(tmp_path, ray_session):
 
 STUDY_FILE = """
 name = "resume"
-objectives = ["best_test_mse", "trainable_params"]
+objectives = ["val_mse", "trainable_params"]
 num_trials = 4
 cache_dir = "{cache}"
 [task]
