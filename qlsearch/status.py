@@ -67,8 +67,11 @@ def _row(trial: optuna.trial.FrozenTrial, objectives: list[str], reported: list[
     }
 
 
-def _budget(trials: list[dict]) -> dict[str, dict]:
-    """Per method (a baseline under its label): configurations run or queued, completed, seeds."""
+def method_budget(trials: list[dict]) -> dict[str, dict]:
+    """Per method (a baseline under its label): configurations run or queued, completed, seeds.
+
+    ``trials``: dicts with ``baseline``, ``method``, ``state``, ``failure`` and ``seeds`` (a list).
+    """
     budget: dict[str, dict] = {}
     for t in trials:
         if (t["failure"] or "").startswith("interrupted:"):  # queued again (search.INTERRUPTED): counted there
@@ -99,7 +102,7 @@ def study_status(ot_study) -> dict:
                        for m, d in zip(objectives, ot_study.directions, strict=True)],
         "reported": reported,
         "counts": counts,
-        "budget": _budget(rows),
+        "budget": method_budget(rows),
         "trials": rows,
         "front": [t.number for t in front],
         "sweeps": ot_study.user_attrs.get("sweeps", []),
