@@ -86,13 +86,29 @@ def test_sweep_runs_end_to_end_and_front_is_non_dominated(tmp_path, ray_session,
     assert status["sweeps"][0]["overhead_fraction"] == summary["overhead_fraction"]
 
 
-def test_rerunning_a_finished_study_runs_nothing(tmp_path, ray_session):
-    study = tiny(tmp_path, "done", num_trials=1)
+def test_seeds_each_keep_their_value_and_a_finished_study_runs_nothing_again(tmp_path, ray_session, capsys):
+    study = tiny(tmp_path, "done", num_trials=1, seeds=[0, 1])
     run_sweep(study, root=tmp_path / "runs", verbose=False)
     again = run_sweep(study, root=tmp_path / "runs", verbose=False)
     assert again["started"] == 0
     ot, _ = open_study(study, tmp_path / "runs")
     assert len(ot.trials) == 1
+    assert main(["status", "done", "--root", str(tmp_path / "runs"), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert [o["metric"] for o in status["objectives"]] == ["val_mse", "trainable_params"]
+    assert status["reported"] == ["test_mse"]  # beside val_mse, never optimised
+    (row,) = status["trials"]
+    records = [json.loads(p.read_text()) for p in sorted(Path(ot.trials[0].user_attrs["record_dir"]).glob("seed*.json"))]
+    assert row["seeds"] == [0, 1] and len(records) == 2
+    for name in ("val_mse", "test_mse"):  # one value per seed, the objective their mean
+        assert row["seed_values"][name] == [r["metrics"][name] for r in records]
+        mean = (row["values"] | row["reported"])[name]
+        assert mean == pytest.approx(sum(row["seed_values"][name]) / 2)
+        assert row["std"][name] == pytest.approx(abs(row["seed_values"][name][0] - row["seed_values"][name][1]) / 2 ** 0.5)
+    assert status["budget"] == {"queryable": {"searched": True, "configurations": 1, "completed": 1, "seeds": 2}}
+    assert main(["status", "done", "--root", str(tmp_path / "runs")]) == 0
+    text = capsys.readouterr().out
+    assert "reported beside them: test_mse" in text and " ± " in text and "queryable 1 searched; 2 seeds each" in text
 
 
 STUDY_FILE = """
@@ -176,3 +192,23 @@ def test_postgresql_storage(tmp_path, ray_session):
     ot = optuna.load_study(study_name=name, storage=url)
     assert len(ot.trials) == 2 and all(t.state.is_finished() for t in ot.trials)
     assert Path(tmp_path / "runs" / name).exists()
+
+
+def test_equal_budgets_enqueue_the_same_number_of_slots_per_method(tmp_path):
+    """trials_per_method: every searched method gets that many configurations, also on resume."""
+    from qlsearch.search import StudySpace, prepare
+
+    study = tiny(tmp_path, "budget", trials_per_method=3, space={
+        "queryable": {"r": [2, 4], "num_atoms": [2, 4], "top_k": [1, 2], "lr": {"low": 1e-3, "high": 1e-2}},
+        "lora": {"r": [2, 4, 8], "lr": {"low": 1e-3, "high": 1e-2}}})
+    ot, _ = open_study(study, tmp_path / "runs")
+    assert prepare(ot, study) == 6
+    waiting = ot.get_trials(deepcopy=False)
+    assert sorted(t.user_attrs["method"] for t in waiting) == ["lora"] * 3 + ["queryable"] * 3
+    space = StudySpace(study)
+    trial = ot.ask()  # the first slot: its method is fixed, the sampler picks the knobs (lr included)
+    config = space(trial)
+    assert config["method"] == waiting[0].user_attrs["method"] and "lr" in config["knobs"]
+    ot.tell(trial, [0.1, 10.0])
+    assert prepare(ot, study) == 5  # nothing enqueued twice: 5 slots still waiting
+    assert len(ot.get_trials(deepcopy=False)) == 6
