@@ -115,13 +115,14 @@ STUDY_FILE = """
 name = "resume"
 objectives = ["val_mse", "trainable_params"]
 num_trials = 4
+seeds = [0, 1]
 cache_dir = "{cache}"
 [task]
 kind = "synthetic"
 name = "sin_cos"
 backbone = "mlp"
 [train]
-epochs = 30
+epochs = 15
 pretrain_epochs = 1
 batch_size = 200
 [space.queryable]
@@ -177,6 +178,8 @@ def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path, ray_s
     retried = [t for t in complete if "retry_of" in t.user_attrs]
     assert sorted(t.user_attrs["retry_of"] for t in retried) == sorted(t.number for t in interrupted)
     assert all(t.state == optuna.trial.TrialState.FAIL for t in interrupted)
+    # a half-finished seed set is run again on every seed
+    assert all(t.user_attrs["seeds"] == [0, 1] and len(t.user_attrs["val_mse_seeds"]) == 2 for t in complete)
 
 
 def test_postgresql_storage(tmp_path, ray_session):
@@ -212,3 +215,30 @@ def test_equal_budgets_enqueue_the_same_number_of_slots_per_method(tmp_path):
     ot.tell(trial, [0.1, 10.0])
     assert prepare(ot, study) == 5  # nothing enqueued twice: 5 slots still waiting
     assert len(ot.get_trials(deepcopy=False)) == 6
+
+
+def test_asha_sweep_with_seeds_ends_every_trial_complete_or_stopped(tmp_path, ray_session):
+    study = tiny(tmp_path, "asha-sweep", num_trials=4, seeds=[0, 1], scheduler="asha",
+                 train={"epochs": 4, "pretrain_epochs": 1, "batch_size": 200})
+    run_sweep(study, root=tmp_path / "runs", verbose=False)
+    trials = optuna.load_study(study_name="asha-sweep", storage=study.storage_url(tmp_path / "runs")).get_trials()
+    assert len(trials) == 4 and all(t.state.is_finished() for t in trials)
+    for t in trials:
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            assert t.user_attrs["seeds"] == [0, 1] and len(t.user_attrs["val_mse_seeds"]) == 2
+        else:  # stopped part-way through its seeds: never a point of the front
+            assert t.user_attrs["failure"] == "stopped early by the scheduler"
+
+
+def test_asha_sees_the_validation_objective_of_each_seed_in_turn(tmp_path):
+    """With seeds, ASHA is told the running best validation loss of the seed being trained;
+    a new seed starts afresh (its epochs restart), and the other objectives are NaN."""
+    from qlsearch.search import _asha_progress
+
+    study = tiny(tmp_path, "asha", num_trials=1, seeds=[0, 1], scheduler="asha")
+    reports = []
+    progress = _asha_progress(study, reports.append)
+    for epoch, val in [(1, 0.5), (2, 0.3), (3, 0.4), (1, 0.9), (2, 0.8)]:  # seed 0, then seed 1
+        progress(epoch, {"train": 1.0, "val": val, "test": 0.0})
+    assert [r["val_mse"] for r in reports] == [0.5, 0.3, 0.3, 0.9, 0.8]
+    assert all(r["trainable_params"] != r["trainable_params"] and r["status"] == "running" for r in reports)
