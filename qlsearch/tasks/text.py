@@ -160,7 +160,7 @@ def get_text_task(name: str) -> TextTask:
 
 def load_task(name: str, split: str, limit: int | None = None, data_files: DataFiles | None = None,
               seed: int = 0) -> list[TextExample]:
-    """The examples of task ``name`` on ``split`` (``"train"``, ``"test"``, or a hub split).
+    """The examples of task ``name`` on ``split`` (``"train"``, ``"validation"``, ``"test"``, or a hub split).
 
     ``limit`` keeps a random subset of that size, fixed by ``seed`` (``seed`` also
     fixes GPQA's choice order). ``data_files`` replaces the hub: one file or a list
@@ -202,6 +202,8 @@ def _load_rows(task: TextTask, split: str, data_files: DataFiles | None, seed: i
         return _load_hub_split(task, task.validation, data_files)
     if split not in ("train", "validation", "test") or (split == "test" and not task.holdout):
         return _load_hub_split(task, task.hub_split(split), data_files)
+    # train (and validation or test where the hub has no split for them): the hub's train rows,
+    # less the last `holdout` that test reads, less the seeded `val_holdout` validation reads
     rows = _load_hub_split(task, "train", data_files)
     cut = len(rows) - math.ceil(task.holdout * len(rows))
     if split == "test":
