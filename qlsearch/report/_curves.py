@@ -100,6 +100,9 @@ def _plot_curves(info: CurvesInfo, folder: Path, stem: str) -> None:
     values = [v for c in info.curves for b in (c.train, c.val) for v in b.mean if v > 0]
     if values and max(values) / min(values) > 30:
         ax.set_yscale("log")
+        # a band whose mean - std is <= 0 has no log-scale bottom: it runs off the axis there
+        ax.set_ylim(min(values) / 3, max(v + s for c in info.curves for b in (c.train, c.val)
+                                         for v, s in zip(b.mean, b.std, strict=True)) * 1.5)
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     ax.grid(True, alpha=0.3)
