@@ -171,8 +171,8 @@ def _run_trial(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as err:
         raise UsageError(f"{args.file}: {err}") from err
 
-    def progress(epoch: int, train_loss: float, test_loss: float) -> None:
-        print(f"epoch {epoch}: train {train_loss:.5g}  test {test_loss:.5g}", file=sys.stderr, flush=True)
+    def progress(epoch: int, losses: dict[str, float]) -> None:
+        print(f"epoch {epoch}: " + "  ".join(f"{k} {v:.5g}" for k, v in losses.items()), file=sys.stderr, flush=True)
 
     record = run_trial(config, progress=progress)
     path = write_record(record, args.out or Path("runs/trials") / f"{Path(args.file).stem}.json")

@@ -7,12 +7,24 @@
 * Baselines are enqueued into the same study (``enqueue_trial`` with the
   baseline in ``user_attrs``), so fronts compare like with like.
 * One Optuna trial = one configuration run on every seed of the study; its
-  objectives are the means over seeds. A trial that diverges, runs out of
-  memory or raises is told to Optuna as FAIL with its reason in
-  ``user_attrs["failure"]``; the sweep goes on.
+  objectives are the means over seeds, and its user attrs keep every seed's
+  value (``<metric>_seeds``), the standard deviation (``<metric>_std``) and the
+  ``test_*`` twin of each ``val_*`` objective, reported beside it. A trial that
+  diverges, runs out of memory or raises is told to Optuna as FAIL with its
+  reason in ``user_attrs["failure"]``; the sweep goes on.
+* Equal budgets: with ``trials_per_method`` every searched method gets that many
+  slots, enqueued as trials that name the method and let the sampler choose its
+  knobs (``StudySpace``).
 * Resume: finished trials (COMPLETE/FAIL) are never run again; trials left
   RUNNING by a killed driver are marked FAIL ("interrupted") and their
-  configuration is enqueued again; the sweep runs what is left of ``num_trials``.
+  configuration is enqueued again; the sweep runs what is left of the budget.
+* Half-finished seed sets: a configuration's objectives exist only once all of
+  its seeds finished. A trial interrupted mid-way is run again on *every* seed
+  (the seeds it had finished are deterministic, so they come out the same; their
+  records stay in the interrupted trial's folder), and a trial that ASHA stops
+  early, whichever seed it was on, ends FAIL ("stopped early") and never enters
+  the front. ASHA sees the primary objective of the seed being trained, seed
+  after seed, so its rungs compare configurations at the same seed and epoch.
 """
 
 from __future__ import annotations
@@ -77,26 +89,58 @@ class StudySpace:
         if attrs.get("baseline") or attrs.get("fixed"):  # a baseline, a grid point, or a retry
             return {"method": attrs["method"], "knobs": attrs["knobs"], "baseline": attrs.get("baseline")}
         methods = list(self.spaces)
-        method = methods[0] if len(methods) == 1 else trial.suggest_categorical("method", methods)
+        if attrs.get("method") in self.spaces:  # a method's budget slot: the sampler picks its knobs
+            method = attrs["method"]
+        else:
+            method = methods[0] if len(methods) == 1 else trial.suggest_categorical("method", methods)
         return {"method": method, "knobs": sample_knobs(trial, self.spaces[method]), "baseline": None}
 
 
 # ---- one Tune trial: every seed of one configuration --------------------------------
 
 
-def aggregate(records: list[dict], objectives: list[str]) -> dict:
-    """Means (and standard deviations) over seeds of every numeric metric and profile field."""
+def reported_metrics(study: Study) -> list[str]:
+    """The objectives, then the ``test_*`` twin of each ``val_*`` objective (reported beside it)."""
+    from qlsearch.metrics import test_twin
+
+    names = [m.name for m in study.objectives]
+    return names + [t.name for m in study.objectives if (t := test_twin(m)) and t.name not in names]
+
+
+def aggregate(records: list[dict], metrics: list[str]) -> dict:
+    """Per metric: the mean over seeds, its standard deviation (``_std``) and every seed's
+    value in seed order (``_seeds``); NaN when a seed lacks it or it is not finite."""
     from qlsearch.metrics import metric_value
 
     result: dict = {}
-    for name in objectives:
+    for name in metrics:
         values = [metric_value(r, name) for r in records]
         if any(v is None or not math.isfinite(v) for v in values):
             result[name] = float("nan")
             continue
         result[name] = statistics.fmean(values)
         result[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        result[f"{name}_seeds"] = values
     return result
+
+
+def _asha_progress(study: Study, report):
+    """``progress(epoch, losses)`` that reports the primary objective as it stands in the
+    seed being trained (the others as NaN) so the scheduler can stop the trial early."""
+    objectives = [m.name for m in study.objectives]
+    primary = objectives[0]
+    split = "val" if primary.startswith("val_") else "test"
+    running_best = primary.startswith(("val_", "best_"))  # the value an evaluation would select
+    best = {"epoch": math.inf, "value": math.inf}
+
+    def progress(epoch: int, losses: dict[str, float]) -> None:
+        if epoch < best["epoch"]:  # a new seed starts
+            best["value"] = math.inf
+        best.update(epoch=epoch, value=min(best["value"], losses[split]))
+        value = best["value"] if running_best else losses[split]
+        report({**dict.fromkeys(objectives, float("nan")), primary: value, "status": "running"})
+
+    return progress
 
 
 def run_configuration(config: dict, study: Study, record_dir: str, report=None,
@@ -114,21 +158,13 @@ def run_configuration(config: dict, study: Study, record_dir: str, report=None,
 
     torch.set_num_threads(max(1, int(study.resources.cpus_per_trial)))
     objectives = [m.name for m in study.objectives]
-    progress = None
-    if report is not None:
-        primary = study.objectives[0].name
-        best = [math.inf]
-
-        def progress(epoch: int, train_loss: float, test_loss: float) -> None:
-            best[0] = min(best[0], test_loss)
-            value = best[0] if primary.startswith("best_") else test_loss
-            report({**dict.fromkeys(objectives, float("nan")), primary: value, "status": "running"})
-
+    progress = _asha_progress(study, report) if report is not None else None
+    knobs, train = study.settings(config["knobs"])
     records, failure = [], None
     started = time.time()
     for seed in study.seeds:
-        trial = TrialConfig(method=config["method"], knobs=dict(config["knobs"]), task=study.task,
-                            train=study.train, seed=seed, profile=study.profile,
+        trial = TrialConfig(method=config["method"], knobs=dict(knobs), task=study.task,
+                            train=train, seed=seed, profile=study.profile,
                             cache_dir=study.cache_dir, latency_cache=latency_cache)
         record = run_trial(trial, progress=progress)
         record["baseline"] = config.get("baseline")
@@ -140,7 +176,7 @@ def run_configuration(config: dict, study: Study, record_dir: str, report=None,
     result = {"status": "failed" if failure else "completed", "failure": failure,
               "record_dir": record_dir, "trial_seconds": time.time() - started,
               "latency": next((r["profile"]["latency"] for r in records if "latency" in r["profile"]), None),
-              **aggregate(records, objectives)}
+              "seeds": [r["seed"] for r in records], **aggregate(records, reported_metrics(study))}
     if failure:
         result.update(dict.fromkeys(objectives, float("nan")))
     return result
@@ -211,8 +247,10 @@ class StudySearch(OptunaSearch):
         ok = finished and all(isinstance(v, int | float) and math.isfinite(v) for v in values)
         attrs = {"status": result.get("status", "error"), "tune_trial_id": trial_id,
                  "record_dir": result.get("record_dir"), "trial_seconds": result.get("trial_seconds"),
-                 "latency": _nested(result, "latency")}
-        attrs.update({k: v for k, v in result.items() if k.endswith("_std")})
+                 "latency": _nested(result, "latency"), "seeds": result.get("seeds")}
+        attrs.update({k: v for k, v in result.items() if k.endswith(("_std", "_seeds"))})
+        # the test twins of val objectives: reported beside them, never told to Optuna
+        attrs.update({k: v for k, v in result.items() if k.startswith("test_") and k not in self.metric})
         if not ok:
             attrs["failure"] = result.get("failure") or (
                 "stopped early by the scheduler" if result and not finished and not error
@@ -264,25 +302,36 @@ def prepare(ot_study, study: Study) -> int:
     for b in study.baselines:
         if b.label not in present:
             ot_study.enqueue_trial({}, user_attrs={"baseline": b.label, "method": b.method, "knobs": b.knobs})
-    if study.sampler == "grid":  # enqueue the grid once, in a seeded order, up to num_trials
+    if study.sampler == "grid":  # enqueue the grid once, in a seeded order, up to the budget
         import random
 
         points = study.grid()
         random.Random(study.name).shuffle(points)
+        if study.trials_per_method:
+            points = [p for s in study.spaces for p in [q for q in points if q[0] == s.method][: study.trials_per_method]]
         known = {(t.user_attrs.get("method"), repr(sorted((t.user_attrs.get("knobs") or {}).items())))
                  for t in ot_study.get_trials(deepcopy=False) if not t.user_attrs.get("baseline")}
         for method, knobs in points[: study.num_trials]:
             if (method, repr(sorted(knobs.items()))) not in known:
                 ot_study.enqueue_trial({}, user_attrs={"method": method, "knobs": knobs, "fixed": True})
+    elif study.trials_per_method:  # the same number of slots for every searched method
+        for space in study.spaces:
+            used = sum(_counts_against_budget(t) for t in ot_study.get_trials(deepcopy=False)
+                       if t.user_attrs.get("method") == space.method)
+            for _ in range(study.trials_per_method - used):
+                ot_study.enqueue_trial({}, user_attrs={"method": space.method})
     trials = ot_study.get_trials(deepcopy=False)
     waiting = sum(t.state == State.WAITING for t in trials)
-    searched_done = sum(
-        t.state in (State.COMPLETE, State.FAIL) and not t.user_attrs.get("baseline")
-        and t.user_attrs.get("failure") != INTERRUPTED for t in trials
-    )
-    searched_waiting = sum(t.state == State.WAITING and not t.user_attrs.get("baseline") for t in trials)
-    remaining_searched = max(0, study.num_trials - searched_done - searched_waiting) if study.spaces else 0
+    searched = sum(_counts_against_budget(t) for t in trials)
+    remaining_searched = max(0, study.num_trials - searched) if study.spaces else 0
     return waiting + remaining_searched
+
+
+def _counts_against_budget(t) -> bool:
+    """A searched trial that ran (or will): not a baseline, not an interrupted run (its retry counts)."""
+    State = optuna.trial.TrialState
+    return (not t.user_attrs.get("baseline") and t.user_attrs.get("failure") != INTERRUPTED
+            and t.state in (State.COMPLETE, State.FAIL, State.WAITING))
 
 
 # ---- the sweep ---------------------------------------------------------------------

@@ -50,8 +50,17 @@ def _latency(attrs: dict) -> dict | None:
     return {k: latency.get(k) for k in LATENCY_FIELDS} if latency else None
 
 
-def _row(trial: optuna.trial.FrozenTrial, objectives: list[str]) -> dict:
+def reported_beside(objectives: list[str]) -> list[str]:
+    """The ``test_*`` twins of the ``val_*`` objectives: shown beside them, never optimised."""
+    from qlsearch.metrics import METRICS, test_twin
+
+    twins = [test_twin(METRICS[m]) for m in objectives if m in METRICS]
+    return [t.name for t in twins if t is not None and t.name not in objectives]
+
+
+def _row(trial: optuna.trial.FrozenTrial, objectives: list[str], reported: list[str]) -> dict:
     attrs = trial.user_attrs
+    complete = trial.state.name == "COMPLETE"
     latency = _latency(attrs)
     return {
         "number": trial.number,
@@ -60,6 +69,11 @@ def _row(trial: optuna.trial.FrozenTrial, objectives: list[str]) -> dict:
         "baseline": attrs.get("baseline"),
         "knobs": attrs.get("knobs"),
         "values": dict(zip(objectives, trial.values, strict=True)) if trial.values else None,
+        "std": {m: attrs.get(f"{m}_std") for m in objectives + reported} if complete else None,
+        "reported": {m: attrs.get(m) for m in reported} if complete else None,
+        "seeds": attrs.get("seeds"),
+        # every seed's value, in the order of "seeds" (the objective is their mean)
+        "seed_values": {m: attrs.get(f"{m}_seeds") for m in objectives + reported} if complete else None,
         "failure": attrs.get("failure"),
         "seconds": attrs.get("trial_seconds"),
         "forward_ratio": latency and latency["forward_ratio"],
@@ -67,20 +81,43 @@ def _row(trial: optuna.trial.FrozenTrial, objectives: list[str]) -> dict:
     }
 
 
+def method_budget(trials: list[dict]) -> dict[str, dict]:
+    """Per method (a baseline under its label): configurations run or queued, completed, seeds.
+
+    ``trials``: dicts with ``baseline``, ``method``, ``state``, ``failure`` and ``seeds`` (a list).
+    """
+    budget: dict[str, dict] = {}
+    for t in trials:
+        if (t["failure"] or "").startswith("interrupted:"):  # queued again (search.INTERRUPTED): counted there
+            continue
+        entry = budget.setdefault(t["baseline"] or t["method"] or "?",
+                                  {"searched": not t["baseline"], "configurations": 0, "completed": 0, "seeds": 0})
+        entry["configurations"] += 1
+        if t["state"] == "COMPLETE":
+            entry["completed"] += 1
+            entry["seeds"] = max(entry["seeds"], len(t["seeds"] or []))
+    return budget
+
+
 def study_status(ot_study) -> dict:
-    """Trials, the front (Optuna's ``best_trials``) and the sweeps' timing, as one JSON-able dict."""
+    """Trials, the front (Optuna's ``best_trials``), each method's budget and the sweeps' timing,
+    as one JSON-able dict."""
     objectives = ot_study.user_attrs.get("objectives") or [f"objective_{i}" for i in range(len(ot_study.directions))]
+    reported = reported_beside(objectives)
     trials = ot_study.get_trials(deepcopy=False)
     counts: dict[str, int] = {}
     for t in trials:
         counts[t.state.name] = counts.get(t.state.name, 0) + 1
     front = ot_study.best_trials if any(t.state.name == "COMPLETE" for t in trials) else []
+    rows = [_row(t, objectives, reported) for t in trials]
     return {
         "study": ot_study.study_name,
         "objectives": [{"metric": m, "direction": d.name.lower()}
                        for m, d in zip(objectives, ot_study.directions, strict=True)],
+        "reported": reported,
         "counts": counts,
-        "trials": [_row(t, objectives) for t in trials],
+        "budget": method_budget(rows),
+        "trials": rows,
         "front": [t.number for t in front],
         "sweeps": ot_study.user_attrs.get("sweeps", []),
     }
@@ -97,20 +134,40 @@ def _fmt(value) -> str:
     return "-" if value is None else format_value(value)
 
 
+def _mean_std(mean, std) -> str:
+    """``0.0123 ± 0.0004`` (the std over seeds), ``-`` when there is no value."""
+    return _fmt(mean) + (f" ± {format_value(float(std))}" if mean is not None and std is not None else "")
+
+
+def format_budget(budget: dict[str, dict]) -> str:
+    """``queryable 6 searched, lora 1 fixed, dora 1 fixed; 2 seeds each``."""
+    parts = [f"{who} {b['configurations']} {'searched' if b['searched'] else 'fixed'}" for who, b in budget.items()]
+    seeds = sorted({b["seeds"] for b in budget.values() if b["completed"]})
+    each = f"; {'/'.join(map(str, seeds))} seeds each" if seeds else ""
+    return ", ".join(parts) + each
+
+
 def format_status(status: dict) -> str:
     objectives = [o["metric"] for o in status["objectives"]]
+    reported = status.get("reported", [])
     front = set(status["front"])
     lines = [f"study {status['study']}: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(status["counts"].items())),
-             "objectives: " + ", ".join(f"{o['metric']} ({o['direction']})" for o in status["objectives"]),
+             "objectives: " + ", ".join(f"{o['metric']} ({o['direction']})" for o in status["objectives"])
+             + (f"; reported beside them: {', '.join(reported)}" if reported else ""),
+             f"budget (configurations per method): {format_budget(status.get('budget', {}))}",
+             "values: mean ± std over the seeds (n)",
              ""]
-    header = ["#", "state", "method", *objectives, "xLoRA", "knobs / failure"]
+    header = ["#", "state", "method", "n", *objectives, *reported, "xLoRA", "knobs / failure"]
     rows = []
     for t in status["trials"]:
         who = t["baseline"] or t["method"] or "?"
-        values = [_fmt((t["values"] or {}).get(m)) for m in objectives]
+        std = t.get("std") or {}
+        values = [_mean_std((t["values"] or {}).get(m), std.get(m)) for m in objectives]
+        values += [_mean_std((t.get("reported") or {}).get(m), std.get(m)) for m in reported]
         detail = t["failure"] or " ".join(f"{k}={_fmt(v)}" for k, v in sorted((t["knobs"] or {}).items()))
         rows.append([f"{t['number']}{'*' if t['number'] in front else ''}", t["state"].lower(), who,
-                     *values, _fmt(t.get("forward_ratio")), detail])
+                     str(len(t.get("seeds") or [])) if t["values"] else "-", *values,
+                     _fmt(t.get("forward_ratio")), detail])
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
     for row in [header, *rows]:
         lines.append("  ".join(str(x).ljust(w) for x, w in zip(row[:-1], widths[:-1], strict=True)) + "  " + row[-1])

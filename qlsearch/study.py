@@ -8,9 +8,10 @@ allowed values.
 A study file::
 
     name = "quickstart"
-    seeds = [0]
-    num_trials = 8
-    objectives = ["best_test_mse", "forward_ms", "trainable_params"]
+    seeds = [0, 1]                          # every configuration runs on each; objectives are means
+    num_trials = 8                          # searched configurations, all methods together
+    # trials_per_method = 8                 # or: the same budget for every searched method
+    objectives = ["val_mse", "forward_ms", "trainable_params"]
 
     [task]          # as in a trial file
     kind = "synthetic"
@@ -26,10 +27,20 @@ A study file::
     top_k = [1, 2, 4]                       # constrained: top_k <= num_atoms
     tau_lang = {low = 0.1, high = 10.0, log = true}   # a range
     num_blocks = 4                          # a scalar: fixed
+    lr = {low = 1e-4, high = 1e-2, log = true}  # a training knob, per method (TRAIN_KNOBS)
 
     [[baselines]]
     method = "lora"
     knobs = {r = 8}
+
+**Selection.** Objectives are measured on validation (``val_*``); a metric measured
+on the test set (``Metric.selects_on_test``) is refused as an objective unless the
+study sets ``allow_test_selection = true`` (e.g. to reproduce a paper that selected
+on test), and the report then says so in its header.
+
+**Budgets.** ``trials_per_method`` gives every method with a space the same number
+of configurations (each run on every seed); ``num_trials`` is one total budget that
+the sampler shares out between methods as it likes.
 """
 
 from __future__ import annotations
@@ -39,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlsearch.adapters import get_method
-from qlsearch.metrics import Metric, get_metric
+from qlsearch.metrics import METRICS, Metric, get_metric
 from qlsearch.trial import TaskSpec, TrainSpec, _check_fields
 
 #: ``knob <= bound`` pairs: combinations that break them are never sampled (paper B.2: k <= M).
@@ -51,7 +62,9 @@ SCHEDULERS = ("none", "asha")
 #: small space is covered without running one configuration twice.
 SAMPLERS = ("tpe", "random", "nsgaii", "grid")
 #: Objectives known during training (ASHA can only stop trials on one of these).
-EARLY_STOPPABLE = ("best_test_mse", "final_test_mse", "best_test_loss", "final_test_loss")
+EARLY_STOPPABLE = ("val_mse", "val_loss", "best_test_mse", "final_test_mse", "best_test_loss", "final_test_loss")
+#: Training settings a space (or a baseline) may set per method, beside the method's own knobs.
+TRAIN_KNOBS = ("lr", "weight_decay")
 
 
 @dataclass(frozen=True)
@@ -112,6 +125,8 @@ class Study:
     scheduler: str = "none"
     sampler: str = "tpe"
     storage: str | None = None  # None: sqlite file under the run folder
+    trials_per_method: int | None = None  # None: num_trials is one budget for all searched methods
+    allow_test_selection: bool = False  # a test metric may be an objective (the report says so)
     max_retries: int = 0  # re-runs of a trial whose worker crashed (a trial's own failure is final)
     profile: bool = True
     description: str = ""
@@ -131,6 +146,14 @@ class Study:
                     points.append((space.method, knobs))
         return points
 
+    def settings(self, knobs: dict) -> tuple[dict, TrainSpec]:
+        """A configuration's adapter knobs, and the study's training settings with the
+        configuration's training knobs (``lr``, ...) applied."""
+        from dataclasses import replace
+
+        train = {k: v for k, v in knobs.items() if k in TRAIN_KNOBS}
+        return {k: v for k, v in knobs.items() if k not in TRAIN_KNOBS}, replace(self.train, **train)
+
     @property
     def directions(self) -> list[str]:
         return [m.direction for m in self.objectives]
@@ -143,8 +166,8 @@ class Study:
 
 
 _TOP_LEVEL = {"name", "description", "task", "train", "objectives", "space", "baselines", "seeds",
-              "num_trials", "resources", "scheduler", "sampler", "storage", "max_retries", "profile",
-              "cache_dir"}
+              "num_trials", "trials_per_method", "resources", "scheduler", "sampler", "storage", "max_retries",
+              "profile", "cache_dir", "allow_test_selection"}
 
 
 def _fail(where: str, message: str) -> ValueError:
@@ -173,7 +196,7 @@ def _param(method: str, name: str, value) -> Param | None:
 def _space(method: str, table) -> MethodSpace:
     if not isinstance(table, dict):
         raise _fail(f"space.{method}", f"got {table!r}; allowed: a table of knobs")
-    known = get_method(method).knobs
+    known = {**get_method(method).knobs, **dict.fromkeys(TRAIN_KNOBS)}
     params, fixed = [], {}
     for name, value in table.items():
         if name not in known:
@@ -216,7 +239,7 @@ def _baseline(i: int, table) -> Baseline:
     if unknown:
         raise _fail(f"{where}.{unknown[0]}", "unknown field; allowed: method, knobs, label")
     method, knobs = table["method"], dict(table.get("knobs", {}))
-    allowed = get_method(method).knobs
+    allowed = {**get_method(method).knobs, **dict.fromkeys(TRAIN_KNOBS)}
     for name in knobs:
         if name not in allowed:
             raise _fail(f"{where}.knobs.{name}", f"not a knob of {method}; allowed: {', '.join(sorted(allowed))}")
@@ -244,6 +267,15 @@ def parse_study(data: dict, path: str | None = None) -> Study:
             raise _fail(f"objectives[{i}]", str(err).removeprefix("objective: ")) from None
     if len({m.name for m in metrics}) != len(metrics):
         raise _fail("study.objectives", "a metric is listed twice")
+    allow_test = data.get("allow_test_selection", False)
+    if not isinstance(allow_test, bool):
+        raise _fail("study.allow_test_selection", f"got {allow_test!r}; allowed: true, false")
+    for i, m in enumerate(metrics):
+        if m.selects_on_test and not allow_test:
+            val = sorted(n for n, v in METRICS.items() if v.split == "val")
+            raise _fail(f"objectives[{i}]", f"{m.name!r} is measured on the test set, which must never select; "
+                        f"allowed: a validation metric ({', '.join(val)}) or any non-test metric, "
+                        "or set allow_test_selection = true")
     space_table = data.get("space", {})
     for method in space_table:
         try:
@@ -257,7 +289,14 @@ def parse_study(data: dict, path: str | None = None) -> Study:
     seeds = data.get("seeds", [0])
     if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds)):
         raise _fail("study.seeds", f"got {seeds!r}; allowed: a non-empty list of integers")
-    num_trials = data.get("num_trials", 8 if spaces else 0)
+    per_method = data.get("trials_per_method")
+    if per_method is not None:
+        if "num_trials" in data:
+            raise _fail("study.trials_per_method", "given with num_trials; allowed: one of the two")
+        if not (isinstance(per_method, int) and per_method >= 1 and spaces):
+            raise _fail("study.trials_per_method", f"got {per_method!r}; allowed: an integer >= 1, "
+                        "with at least one [space.<method>]")
+    num_trials = per_method * len(spaces) if per_method else data.get("num_trials", 8 if spaces else 0)
     if not (isinstance(num_trials, int) and num_trials >= (1 if spaces else 0)):
         raise _fail("study.num_trials", f"got {num_trials!r}; allowed: an integer >= 1")
     resources_table = data.get("resources", {})
@@ -293,6 +332,8 @@ def parse_study(data: dict, path: str | None = None) -> Study:
         scheduler=scheduler,
         sampler=sampler,
         storage=data.get("storage"),
+        trials_per_method=per_method,
+        allow_test_selection=allow_test,
         max_retries=int(data.get("max_retries", 0)),
         profile=bool(data.get("profile", True)),
         cache_dir=data.get("cache_dir", "runs/cache"),

@@ -49,6 +49,7 @@ class TaskSpec:
     backbone: str = "transformer"  # "transformer" | "mlp" (synthetic), an HF id or folder (text)
     data_files: dict | None = None  # text: local files in the dataset's schema, per split
     limit_train: int | None = None
+    limit_val: int | None = None
     limit_test: int | None = None
     max_length: int = 512
     max_new_tokens: int = 64
@@ -100,6 +101,8 @@ class TrainSpec:
     batch_size: int = 64
     eval_every: int = 1
     weight_decay: float = 0.0
+    #: early stopping: stop after this many evaluations without a lower validation loss (None: never)
+    patience: int | None = None
     pretrain_epochs: int = 300  # synthetic backbones (the paper: 300 at lr 3e-3)
     pretrain_lr: float = 3e-3
     #: how every method stores its trainable weights (``qlsearch.adapters._precision``):
@@ -116,6 +119,8 @@ class TrainSpec:
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"train.{name}: got {value!r}; allowed: an integer >= 1")
+        if self.patience is not None and not (isinstance(self.patience, int) and self.patience >= 1):
+            raise ValueError(f"train.patience: got {self.patience!r}; allowed: an integer >= 1 (or leave it out)")
         for name in ("lr", "pretrain_lr"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
@@ -302,18 +307,16 @@ def _run_synthetic(config: TrialConfig, device: torch.device, progress):
     # every linear of the layers, named (PEFT's "all-linear" only knows HF models); the
     # backbone is pre-trained (and cached) in float32, then cast to the trial's dtype
     dtype = getattr(torch, task.dtype)
-    on = [tuple(t.to(device, dtype) for t in pair) for pair in (splits.target_train, splits.target_test)]
+    on = {split: tuple(t.to(device, dtype) for t in getattr(splits, f"target_{split}"))
+          for split in ("train", "val", "test")}
     knobs = _knobs(config, task.targets or SYNTHETIC_TARGETS[task.backbone])
     model, frozen, adapter = _adapt(backbone.to(dtype), config, knobs)
     model = model.to(device)
-    latency = _latency(config, frozen, knobs, {"x": on[1][0][: train.batch_size]})
-    history = regression_fit(model, on[0], on[1], epochs=train.epochs, lr=train.lr,
-                             batch_size=train.batch_size, seed=config.seed,
-                             eval_every=train.eval_every, weight_decay=train.weight_decay,
-                             progress=progress)
+    latency = _latency(config, frozen, knobs, {"x": on["test"][0][: train.batch_size]})
+    history = regression_fit(model, on, **_fit_settings(config), progress=progress)
     metrics = {**_prefixed(history.summary(), "mse"), **_optimisation(history)}
     model.eval()
-    x_test = on[1][0]
+    x_test = on["test"][0]
     with torch.no_grad():
         model(x_test)
     metrics.update(_routing_summary(model))
@@ -344,8 +347,10 @@ def _run_text(config: TrialConfig, device: torch.device, progress):
     backbone = load_hf_model(task.backbone, dtype=task.dtype, seed=config.seed, device=device)
     knobs = _knobs(config, task.targets or layer_linear_names(backbone))
     model, frozen, adapter = _adapt(backbone, config, knobs)
-    examples = {split: load_task(task.name, split, limit=limit, data_files=task.data_files, seed=config.seed)
-                for split, limit in (("train", task.limit_train), ("test", task.limit_test))}
+    examples = {key: load_task(task.name, split, limit=limit, data_files=task.data_files, seed=config.seed)
+                for key, split, limit in (("train", "train", task.limit_train),
+                                          ("val", "validation", task.limit_val),
+                                          ("test", "test", task.limit_test))}
     routed = isinstance(model, QueryableModel)  # takes the route mask and the instruction
     _apply_instruction_mode(task, examples, model if routed else None, config.seed)
     encoded = {split: encode_for_training(tokenizer, rows, task.max_length) for split, rows in examples.items()}
@@ -363,20 +368,18 @@ def _run_text(config: TrialConfig, device: torch.device, progress):
                 "instruction": [encoded["test"]["instruction"][i] for i in first.tolist()]} if routed else {})
     latency = _latency(config, frozen, knobs, sample, routing)
 
-    def evaluate(m: nn.Module) -> tuple[float, float]:
-        return tuple(  # type: ignore[return-value]
-            float(torch.stack([batch_loss(m, encoded[s], i) for i in
-                               torch.arange(len(encoded[s]["input_ids"])).split(train.batch_size)]).mean())
-            for s in ("train", "test"))
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        return {s: float(torch.stack([batch_loss(m, encoded[s], i) for i in
+                                      torch.arange(len(encoded[s]["input_ids"])).split(train.batch_size)]).mean())
+                for s in ("train", "val", "test")}
 
     history = fit(model, lambda m, i: batch_loss(m, encoded["train"], i), len(encoded["train"]["input_ids"]),
-                  evaluate, epochs=train.epochs, lr=train.lr, batch_size=train.batch_size, seed=config.seed,
-                  eval_every=train.eval_every, weight_decay=train.weight_decay, progress=progress)
-    model.eval()
+                  evaluate, **_fit_settings(config), progress=progress)
+    model.eval()  # at the epoch selected on validation: both splits are scored there
     score = evaluate_multiple_choice if kind == "multiple_choice" else evaluate_generation
     extra = {} if kind == "multiple_choice" else {"max_new_tokens": task.max_new_tokens}
-    metrics = {**_prefixed(history.summary(), "loss"), **_optimisation(history)}
-    for split in ("train", "test"):
+    metrics = {**history.summary(), **_optimisation(history)}
+    for split in ("val", "test"):
         scores = score(model, tokenizer, examples[split], batch_size=train.batch_size, **extra)
         metrics.update({f"{split}_{k}": v for k, v in scores.items()})
     metrics.update(_routing_summary(model))
@@ -414,8 +417,14 @@ def _apply_instruction_mode(task: TaskSpec, examples: dict, model, seed: int) ->
             encoder._cache[text] = noise * (real.norm() / noise.norm())
 
 
+def _fit_settings(config: TrialConfig) -> dict:
+    train = config.train
+    return dict(epochs=train.epochs, lr=train.lr, batch_size=train.batch_size, seed=config.seed,
+                eval_every=train.eval_every, weight_decay=train.weight_decay, patience=train.patience)
+
+
 def _prefixed(summary: dict[str, float], unit: str) -> dict[str, float]:
-    """``best_test_loss`` → ``best_test_mse`` for regression (the paper's Tables 1/2/9/10)."""
+    """``val_loss`` → ``val_mse`` for regression (the paper's Tables 1/2/9/10 say MSE)."""
     return {k.replace("loss", unit): v for k, v in summary.items()}
 
 

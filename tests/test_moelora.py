@@ -145,3 +145,19 @@ def test_attach_errors_name_the_field():
         attach(tiny_mlp(), experts=4)
     with pytest.raises(ValueError, match="^target_modules"):
         attach(tiny_mlp(), target_modules=["nope"])
+
+
+def test_auxiliary_term_is_a_per_layer_mean_and_a_small_fraction_of_the_task_loss_at_init():
+    """Luo et al.'s auxiliary losses are per router; averaged over layers (as Switch/Mixtral do),
+    the term is ~0.01 x 1 + 0.01 x log(M - 1) whatever the depth. At initialisation it stays
+    below 5 % of the task loss (~log 96 = 4.6 here: about 2 %); summed over the 28 adapted
+    layers it would be about 65 %."""
+    ids = inputs("qwen2", batch=4)
+    terms = {}
+    for targets in (["q_proj"], None):  # 4 adapted layers, then all 28
+        model = attach(base_of("qwen2"), **{**KNOBS, "target_modules": targets}).train()
+        task = model(input_ids=ids, labels=ids).loss
+        terms[str(targets)] = aux = auxiliary_loss(model)
+        assert 0 < aux < 0.05 * task
+    # 7x the layers, about the same term (a sum would grow ~7x)
+    assert terms["None"] < 2 * terms["['q_proj']"]

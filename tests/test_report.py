@@ -33,7 +33,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 def small_study(tmp: Path):
     return parse_study({
         "name": "small", "description": "Queryable LoRA vs LoRA on Sin-Cos (report test)",
-        "objectives": ["best_test_mse", "forward_ms", "trainable_params"],
+        "objectives": ["val_mse", "forward_ms", "trainable_params"],
         "task": {"kind": "synthetic", "name": "sin_cos", "backbone": "mlp"},
         "train": {"epochs": 3, "pretrain_epochs": 1, "batch_size": 200},
         "space": {"queryable": {"r": [2, 4], "num_atoms": [2, 4], "top_k": [1, 2, 4], "num_blocks": 2,
@@ -72,7 +72,7 @@ def test_report_has_every_section(swept):
     study, tmp, page = swept
     assert page == tmp / "reports" / "small" / "index.html"
     text = page.read_text()
-    for key in ("header", "front", "trials", "baselines", "dynamics", "routing", "importance", "sweeps"):
+    for key in ("header", "front", "trials", "baselines", "curves", "dynamics", "routing", "importance", "sweeps"):
         assert f'<section id="{key}">' in text
     for what in ("study file", "storage", "trials", "dates", "environment", "hardware", "sweep overhead"):
         assert f"<dt>{what}</dt>" in text
@@ -119,7 +119,7 @@ def test_failed_trials_appear_as_failed(swept):
         rows = {r["baseline"]: r for r in csv.DictReader(fh)}
     diverged = rows["lora-diverges"]
     assert diverged["state"] == "failed" and "diverged" in diverged["failure"]
-    assert diverged["best_test_mse"] == "" and diverged["on_front"] == "False"
+    assert diverged["val_mse"] == "" and diverged["on_front"] == "False"
     text = page.read_text()
     assert '<tr class="failed">' in text and "non-finite training loss" in text
     with open(page.parent / "tables" / "baselines.csv") as fh:
@@ -179,10 +179,10 @@ def test_importance_per_objective_when_enough_trials(swept):
             for i, (r, k) in enumerate(grid)]
     info = _get_importance_info(data._replace(trials=tuple(rows)))
     assert info.reason is None and info.knobs == ["r", "top_k"]
-    assert set(info.importances) == {"best_test_mse", "forward_ms", "trainable_params", "Pareto front"}
+    assert set(info.importances) == {"val_mse", "forward_ms", "trainable_params", "Pareto front"}
     for values in info.importances.values():
         assert math.isclose(sum(values.values()), 1.0, abs_tol=1e-6)
-    assert info.importances["best_test_mse"]["top_k"] > info.importances["best_test_mse"]["r"]
+    assert info.importances["val_mse"]["top_k"] > info.importances["val_mse"]["r"]
     assert info.importances["trainable_params"]["r"] > info.importances["trainable_params"]["top_k"]
 
 

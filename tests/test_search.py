@@ -20,7 +20,7 @@ from qlsearch.study import parse_study
 ray = pytest.importorskip("ray")
 
 TINY = {
-    "objectives": ["best_test_mse", "trainable_params"],
+    "objectives": ["val_mse", "trainable_params"],
     "task": {"kind": "synthetic", "name": "sin_cos", "backbone": "mlp"},
     "train": {"epochs": 2, "pretrain_epochs": 1, "batch_size": 200},
     "space": {"queryable": {"r": [2, 4], "num_atoms": [2, 4], "top_k": [1, 2, 4], "num_blocks": 2,
@@ -96,26 +96,43 @@ def test_sweep_runs_end_to_end_and_front_is_non_dominated(tmp_path, ray_session,
     assert len(list((tmp_path / "runs" / "tiny" / "latency").glob("*.json"))) == 5
 
 
-def test_rerunning_a_finished_study_runs_nothing(tmp_path, ray_session):
-    study = tiny(tmp_path, "done", num_trials=1)
+def test_seeds_each_keep_their_value_and_a_finished_study_runs_nothing_again(tmp_path, ray_session, capsys):
+    study = tiny(tmp_path, "done", num_trials=1, seeds=[0, 1])
     run_sweep(study, root=tmp_path / "runs", verbose=False)
     again = run_sweep(study, root=tmp_path / "runs", verbose=False)
     assert again["started"] == 0
     ot, _ = open_study(study, tmp_path / "runs")
     assert len(ot.trials) == 1
+    assert main(["status", "done", "--root", str(tmp_path / "runs"), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert [o["metric"] for o in status["objectives"]] == ["val_mse", "trainable_params"]
+    assert status["reported"] == ["test_mse"]  # beside val_mse, never optimised
+    (row,) = status["trials"]
+    records = [json.loads(p.read_text()) for p in sorted(Path(ot.trials[0].user_attrs["record_dir"]).glob("seed*.json"))]
+    assert row["seeds"] == [0, 1] and len(records) == 2
+    for name in ("val_mse", "test_mse"):  # one value per seed, the objective their mean
+        assert row["seed_values"][name] == [r["metrics"][name] for r in records]
+        mean = (row["values"] | row["reported"])[name]
+        assert mean == pytest.approx(sum(row["seed_values"][name]) / 2)
+        assert row["std"][name] == pytest.approx(abs(row["seed_values"][name][0] - row["seed_values"][name][1]) / 2 ** 0.5)
+    assert status["budget"] == {"queryable": {"searched": True, "configurations": 1, "completed": 1, "seeds": 2}}
+    assert main(["status", "done", "--root", str(tmp_path / "runs")]) == 0
+    text = capsys.readouterr().out
+    assert "reported beside them: test_mse" in text and " ± " in text and "queryable 1 searched; 2 seeds each" in text
 
 
 STUDY_FILE = """
 name = "resume"
-objectives = ["best_test_mse", "trainable_params"]
+objectives = ["val_mse", "trainable_params"]
 num_trials = 4
+seeds = [0, 1]
 cache_dir = "{cache}"
 [task]
 kind = "synthetic"
 name = "sin_cos"
 backbone = "mlp"
 [train]
-epochs = 30
+epochs = 15
 pretrain_epochs = 1
 batch_size = 200
 [space.queryable]
@@ -171,6 +188,8 @@ def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path, ray_s
     retried = [t for t in complete if "retry_of" in t.user_attrs]
     assert sorted(t.user_attrs["retry_of"] for t in retried) == sorted(t.number for t in interrupted)
     assert all(t.state == optuna.trial.TrialState.FAIL for t in interrupted)
+    # a half-finished seed set is run again on every seed
+    assert all(t.user_attrs["seeds"] == [0, 1] and len(t.user_attrs["val_mse_seeds"]) == 2 for t in complete)
 
 
 def test_postgresql_storage(tmp_path, ray_session):
@@ -186,3 +205,50 @@ def test_postgresql_storage(tmp_path, ray_session):
     ot = optuna.load_study(study_name=name, storage=url)
     assert len(ot.trials) == 2 and all(t.state.is_finished() for t in ot.trials)
     assert Path(tmp_path / "runs" / name).exists()
+
+
+def test_equal_budgets_enqueue_the_same_number_of_slots_per_method(tmp_path):
+    """trials_per_method: every searched method gets that many configurations, also on resume."""
+    from qlsearch.search import StudySpace, prepare
+
+    study = tiny(tmp_path, "budget", trials_per_method=3, space={
+        "queryable": {"r": [2, 4], "num_atoms": [2, 4], "top_k": [1, 2], "lr": {"low": 1e-3, "high": 1e-2}},
+        "lora": {"r": [2, 4, 8], "lr": {"low": 1e-3, "high": 1e-2}}})
+    ot, _ = open_study(study, tmp_path / "runs")
+    assert prepare(ot, study) == 6
+    waiting = ot.get_trials(deepcopy=False)
+    assert sorted(t.user_attrs["method"] for t in waiting) == ["lora"] * 3 + ["queryable"] * 3
+    space = StudySpace(study)
+    trial = ot.ask()  # the first slot: its method is fixed, the sampler picks the knobs (lr included)
+    config = space(trial)
+    assert config["method"] == waiting[0].user_attrs["method"] and "lr" in config["knobs"]
+    ot.tell(trial, [0.1, 10.0])
+    assert prepare(ot, study) == 5  # nothing enqueued twice: 5 slots still waiting
+    assert len(ot.get_trials(deepcopy=False)) == 6
+
+
+def test_asha_sweep_with_seeds_ends_every_trial_complete_or_stopped(tmp_path, ray_session):
+    study = tiny(tmp_path, "asha-sweep", num_trials=4, seeds=[0, 1], scheduler="asha",
+                 train={"epochs": 4, "pretrain_epochs": 1, "batch_size": 200})
+    run_sweep(study, root=tmp_path / "runs", verbose=False)
+    trials = optuna.load_study(study_name="asha-sweep", storage=study.storage_url(tmp_path / "runs")).get_trials()
+    assert len(trials) == 4 and all(t.state.is_finished() for t in trials)
+    for t in trials:
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            assert t.user_attrs["seeds"] == [0, 1] and len(t.user_attrs["val_mse_seeds"]) == 2
+        else:  # stopped part-way through its seeds: never a point of the front
+            assert t.user_attrs["failure"] == "stopped early by the scheduler"
+
+
+def test_asha_sees_the_validation_objective_of_each_seed_in_turn(tmp_path):
+    """With seeds, ASHA is told the running best validation loss of the seed being trained;
+    a new seed starts afresh (its epochs restart), and the other objectives are NaN."""
+    from qlsearch.search import _asha_progress
+
+    study = tiny(tmp_path, "asha", num_trials=1, seeds=[0, 1], scheduler="asha")
+    reports = []
+    progress = _asha_progress(study, reports.append)
+    for epoch, val in [(1, 0.5), (2, 0.3), (3, 0.4), (1, 0.9), (2, 0.8)]:  # seed 0, then seed 1
+        progress(epoch, {"train": 1.0, "val": val, "test": 0.0})
+    assert [r["val_mse"] for r in reports] == [0.5, 0.3, 0.3, 0.9, 0.8]
+    assert all(r["trainable_params"] != r["trainable_params"] and r["status"] == "running" for r in reports)

@@ -11,7 +11,7 @@ from qlsearch.study import load_study, parse_study
 STUDIES = sorted(p for p in (Path(__file__).parents[1] / "studies").rglob("*.toml") if not p.name.startswith("_"))
 GOOD = {
     "name": "tiny",
-    "objectives": ["best_test_mse", "trainable_params"],
+    "objectives": ["val_mse", "trainable_params"],
     "task": {"kind": "synthetic", "name": "sin_cos", "backbone": "mlp"},
     "space": {"queryable": {"r": [4, 8], "num_atoms": [2, 4], "top_k": [1, 2, 4]}},
 }
@@ -27,21 +27,75 @@ def test_shipped_studies_parse(path):
 def test_paper_study_families():
     """One study per function/task, each stating only what differs from the family's _base.toml."""
     root = Path(__file__).parents[1] / "studies"
-    table1 = [load_study(p) for p in sorted((root / "synthetic-table1").glob("[!_]*.toml"))]
-    assert len(table1) == 9 and {s.task.name for s in table1} == {
-        "ackley", "dropwave", "langermann", "levy", "matyas", "michalewicz", "rastrigin", "sin_cos",
-        "styblinski_tang"}
-    assert all(s.seeds == [0, 1, 2, 3, 4] and len(s.baselines) == 6 for s in table1)
+    for family in ("synthetic-table1", "synthetic-table1-as-in-paper"):
+        table1 = [load_study(p) for p in sorted((root / family).glob("[!_]*.toml"))]
+        assert len(table1) == 9 and {s.task.name for s in table1} == {
+            "ackley", "dropwave", "langermann", "levy", "matyas", "michalewicz", "rastrigin", "sin_cos",
+            "styblinski_tang"}
+        assert all(s.seeds == [0, 1, 2, 3, 4] and len(s.baselines) + len(s.spaces) == 6 for s in table1)
     gpqa = load_study(root / "gpqa-pareto.toml")
     assert gpqa.num_trials == 60 and gpqa.spaces[0].method == "instr-queryable"
     ablation = {p.stem: load_study(p) for p in (root / "instruction-ablation").glob("[!_]*.toml")}
     assert len(ablation) == 7
     assert ablation["none"].task.instruction_mode == "none"
-    assert ablation["state-only"].baselines[0].knobs["tau_lang"] == 0.0
+    assert ablation["state-only"].spaces[0].fixed["tau_lang"] == 0.0
+    paper = load_study(root / "instruction-ablation-as-in-paper" / "state-only.toml")
+    assert paper.baselines[-1].knobs["tau_lang"] == 0.0
+
+
+def _methods(study) -> set[str]:
+    return {s.method for s in study.spaces} | {b.method for b in study.baselines}
+
+
+def test_shipped_studies_select_on_validation_and_paper_studies_tune_every_method_alike():
+    """No shipped study optimises a test metric. A study that compares several methods gives every
+    one its own space (r, alpha, lr at least) and the same number of configurations; its
+    "-as-in-paper" twin runs the same methods at the paper's fixed settings."""
+    studies = {s.name: s for s in map(load_study, STUDIES)}
+    for study in studies.values():
+        assert not study.allow_test_selection and not any(m.selects_on_test for m in study.objectives), study.name
+        if study.name.endswith("-as-in-paper"):
+            assert not study.spaces and study.baselines, study.name
+            tuned = studies[study.name.replace("-as-in-paper", "")]
+            assert _methods(tuned) == _methods(study), study.name
+            continue
+        assert not study.baselines or not study.spaces or study.name == "gpqa-pareto", study.name
+        if len(study.spaces) > 1:
+            assert study.trials_per_method and study.num_trials == study.trials_per_method * len(study.spaces)
+        for space in study.spaces:
+            knobs = {p.name for p in space.params} | set(space.fixed)
+            assert space.method == "lily" or {"r", "alpha"} <= knobs, (study.name, space.method)
+            if study.name not in ("quickstart", "gpqa-pareto"):  # the paper studies search lr too
+                assert "lr" in {p.name for p in space.params}, (study.name, space.method)
+    paper = [s for s in studies.values() if s.path and Path(s.path).name != "quickstart.toml"]
+    assert all(len(s.seeds) >= 3 for s in paper)
+
+
+def test_a_test_metric_objective_needs_the_opt_in():
+    with pytest.raises(ValueError) as err:
+        parse_study(bad(objectives=["best_test_mse", "trainable_params"]))
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("objectives[0]: 'best_test_mse' is measured on the test set")
+    assert "allow_test_selection = true" in message and "val_mse" in message
+    study = parse_study(bad(objectives=["best_test_mse", "trainable_params"], allow_test_selection=True))
+    assert study.allow_test_selection and study.objectives[0].selects_on_test
+
+
+def test_equal_budgets_and_training_knobs_per_method():
+    study = parse_study(bad(trials_per_method=3, space={
+        "queryable": {"r": [4, 8], "lr": {"low": 1e-4, "high": 1e-2, "log": True}},
+        "lora": {"r": [4, 8], "alpha": 16, "lr": [1e-3, 3e-3]}}))
+    assert study.trials_per_method == 3 and study.num_trials == 6
+    knobs, train = study.settings({"r": 4, "alpha": 16, "lr": 3e-3})
+    assert knobs == {"r": 4, "alpha": 16} and train.lr == 3e-3 and study.train.lr != 3e-3
+    with pytest.raises(ValueError, match="study.trials_per_method: given with num_trials"):
+        parse_study(bad(trials_per_method=3, num_trials=4))
+    with pytest.raises(ValueError, match=r"study.trials_per_method: got 0"):
+        parse_study(bad(trials_per_method=0))
 
 
 def test_include_merges_tables_and_detects_loops(tmp_path):
-    (tmp_path / "_base.toml").write_text('objectives = ["best_test_mse"]\n[task]\nkind = "synthetic"\n'
+    (tmp_path / "_base.toml").write_text('objectives = ["val_mse"]\n[task]\nkind = "synthetic"\n'
                                          'backbone = "mlp"\n[space.queryable]\nr = [4]\n')
     (tmp_path / "child.toml").write_text('include = "_base.toml"\nname = "child"\n[task]\nname = "levy"\n')
     study = load_study(tmp_path / "child.toml")
@@ -53,7 +107,7 @@ def test_include_merges_tables_and_detects_loops(tmp_path):
 
 def test_a_good_study_parses_into_typed_objects():
     study = parse_study(GOOD)
-    assert [m.name for m in study.objectives] == ["best_test_mse", "trainable_params"]
+    assert [m.name for m in study.objectives] == ["val_mse", "trainable_params"]
     assert study.directions == ["minimize", "minimize"]
     space = study.spaces[0]
     assert [p.name for p in space.params] == ["r", "num_atoms", "top_k"]  # bounds before top_k
@@ -76,7 +130,9 @@ def bad(**changes):
         (bad(space={"queryable": {"tau_lang": {"low": 0, "high": 1, "log": True}}}), r"log = true; allowed: low > 0"),
         (bad(space={"queryable": {"tau_lang": {"low": 2, "high": 1}}}), r"low <= high"),
         (bad(space={}), r"study.space: empty"),
-        (bad(objectives=["accuracy"]), r"objectives\[0\]: unknown metric 'accuracy'; allowed: .*test_accuracy"),
+        (bad(objectives=["accuracy"]), r"objectives\[0\]: unknown metric 'accuracy'; allowed: .*val_accuracy"),
+        (bad(objectives=["test_mse"]), r"objectives\[0\]: 'test_mse' is measured on the test set"),
+        (bad(allow_test_selection="yes"), r"study.allow_test_selection: got 'yes'; allowed: true, false"),
         (bad(objectives=[]), r"study.objectives: got \[\]; allowed: a non-empty list"),
         (bad(objectives=["forward_ms", "forward_ms"]), r"listed twice"),
         (bad(task={"kind": "synthetic", "name": "sphere"}), r"task.name: got 'sphere'; allowed: ackley"),

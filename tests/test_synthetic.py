@@ -100,8 +100,8 @@ def test_label_noise_std_is_0_05():
 def test_splits_have_the_paper_sizes_and_are_deterministic():
     splits = make_splits("levy", seed=7)
     sizes = [len(x) for x, _ in (splits.source_train, splits.source_test,
-                                 splits.target_train, splits.target_test)]
-    assert sizes == [2400, 600, 400, 800]
+                                 splits.target_train, splits.target_val, splits.target_test)]
+    assert sizes == [2400, 600, 320, 80, 800]  # validation: 20 % of the paper's 400 training samples
     for x, y in (splits.source_train, splits.target_test):
         assert x.shape[1] == 2 and y.shape[1] == 1 and x.dtype == torch.float32
     again = make_splits("levy", seed=7)
@@ -109,6 +109,18 @@ def test_splits_have_the_paper_sizes_and_are_deterministic():
     assert torch.equal(splits.source_test[0], again.source_test[0])
     other = make_splits("levy", seed=8)
     assert not torch.equal(splits.source_train[0], other.source_train[0])
+
+
+def test_validation_is_a_seeded_slice_of_the_training_samples_disjoint_from_test():
+    splits = make_splits("levy", seed=3)
+    rows = lambda pair: {tuple(r) for r in pair[0].tolist()}  # noqa: E731
+    train, val, test = rows(splits.target_train), rows(splits.target_val), rows(splits.target_test)
+    assert not (train & val) and not (val & test) and not (train & test)
+    # together they are the paper's 400 adaptation samples (the first 400 target draws)
+    assert train | val == rows((sample("levy", 1200, 3, domain_shift=True)[0][:400],))
+    assert not torch.equal(splits.target_val[0], make_splits("levy", seed=4).target_val[0])
+    with pytest.raises(ValueError, match="val_frac"):
+        make_splits("levy", seed=0, val_frac=1.0)
 
 
 def test_split_sizes_are_checked():

@@ -107,6 +107,26 @@ def test_hellaswag_cleans_wikihow_markup_and_test_means_validation(tmp_path):
     assert examples[1].choices[0] == "a hole. Make it deep."
 
 
+def test_validation_is_never_the_test_set(tmp_path):
+    """Where the hub's validation split is our test (hidden test labels), validation is a
+    seeded slice of train, disjoint from what train reads; elsewhere it is the hub's own."""
+    train_rows = [{**HELLASWAG_ROWS[i % 2], "ind": i, "activity_label": f"act{i}"} for i in range(20)]
+    files = {"train": str(write_jsonl(tmp_path / "train.jsonl", train_rows)),
+             "validation": str(write_jsonl(tmp_path / "validation.jsonl", HELLASWAG_ROWS))}
+    test = load_task("hellaswag", "test", data_files=files)
+    val = load_task("hellaswag", "validation", data_files=files)
+    train = load_task("hellaswag", "train", data_files=files)
+    assert (len(train), len(val), len(test)) == (18, 2, 2)
+    heads = lambda rows: {e.prompt.split(":")[0] for e in rows}  # noqa: E731
+    assert heads(val) <= {f"act{i}" for i in range(20)} and not heads(val) & heads(train)
+    assert heads(val) == heads(load_task("hellaswag", "validation", data_files=files))  # seeded
+    assert heads(val) != heads(load_task("hellaswag", "validation", data_files=files, seed=1))
+    arc = {"train": str(write_parquet(tmp_path / "arc_train.parquet", ARC_ROWS[:1])),
+           "validation": str(write_parquet(tmp_path / "arc_val.parquet", ARC_ROWS[1:]))}
+    assert len(load_task("arc_challenge", "validation", data_files=arc)) == 2  # the hub's own split
+    assert len(load_task("arc_challenge", "train", data_files=arc)) == 1
+
+
 def test_hidden_test_labels_are_refused(tmp_path):
     rows = [{**HELLASWAG_ROWS[0], "label": ""}]
     path = write_jsonl(tmp_path / "test.jsonl", rows)
@@ -117,7 +137,7 @@ def test_hidden_test_labels_are_refused(tmp_path):
 def test_boolq_and_race(tmp_path):
     boolq = [{"question": "is the sky blue", "answer": True, "passage": "Sky -- The sky is blue."},
              {"question": "do fish fly", "answer": False, "passage": "Fish -- Fish swim."}]
-    examples = load_task("boolq", "train", data_files=write_jsonl(tmp_path / "b.jsonl", boolq))
+    examples = load_task("boolq", "train[:]", data_files=write_jsonl(tmp_path / "b.jsonl", boolq))  # all rows
     assert [(e.label, e.answer) for e in examples] == [(1, "yes"), (0, "no")]
     assert examples[0].prompt == "Sky -- The sky is blue.\nQuestion: is the sky blue?\nAnswer:"
     race = [{"example_id": "high1.txt", "article": "Tom likes tea.", "answer": "C",
@@ -173,9 +193,11 @@ def test_gpqa_shuffles_choices_deterministically_per_example(tmp_path):
         writer.writeheader()
         writer.writerows(rows)
     train = load_task("gpqa_diamond", "train", data_files=str(path))
+    val = load_task("gpqa_diamond", "validation", data_files=str(path))
     test = load_task("gpqa_diamond", "test", data_files=str(path))
-    assert (len(train), len(test)) == (4, 1)  # the hub has one split: its last 20% is test
-    every = train + test
+    # the hub has one split: its last 20% is test, a seeded 10% of the rest validation
+    assert (len(train), len(val), len(test)) == (3, 1, 1)
+    every = sorted(train + val, key=lambda e: e.prompt) + test
     for i, e in enumerate(every):
         assert e.prompt == f"Question: Made-up question {i}, with a comma?\nAnswer:"
         assert sorted(e.choices) == sorted([f"right {i}", f"wrong a{i}", f"wrong b{i}", f"wrong c{i}"])
@@ -210,16 +232,18 @@ def test_math_tasks(tmp_path):
                   "solution": "We add: $\\frac12+\\frac12 = \\boxed{1}$."},
                  {"problem": "Simplify $x \\cdot x$.", "level": "Level 2", "type": "Algebra",
                   "solution": "It is $\\boxed{x^{2}}$."}]
-    math = load_task("math", "train", data_files=write_parquet(tmp_path / "m.parquet", math_rows))
+    math_path = write_parquet(tmp_path / "m.parquet", math_rows)
+    math = sorted(load_task("math", "train", data_files=math_path) +  # no hub validation: a slice of train
+                  load_task("math", "validation", data_files=math_path), key=lambda e: e.prompt, reverse=True)
     assert math[0].prompt == "Problem: What is $1/2 + 1/2$?\nSolution:"
     assert [extract_final_answer(e.answer) for e in math] == ["1", "x^{2}"]
 
     orca = [{"question": "Sue had 12.5 dollars and found 3. How much now?",
              "answer": "She has 12.5 + 3 = 15.50 dollars."}] * 4
     orca_path = write_jsonl(tmp_path / "orca.jsonl", orca)
-    both = load_task("orca_math", "train", data_files=orca_path) + \
-        load_task("orca_math", "test", data_files=orca_path)
-    assert len(both) == 4  # train and test are disjoint slices of the hub's one split
+    both = [load_task("orca_math", split, data_files=orca_path) for split in ("train", "validation", "test")]
+    assert [len(b) for b in both] == [2, 1, 1]  # disjoint slices of the hub's one split
+    both = both[0]
     assert normalize_answer(extract_final_answer(both[0].answer)) == "15.5"
 
     numina = [{"source": "olympiads", "problem": "Find $2^{10}$.",
@@ -228,7 +252,9 @@ def test_math_tasks(tmp_path):
                             {"content": "...", "role": "assistant"}]},
               {"source": "cn_k12", "problem": "Prove it.", "solution": "Trivial.", "messages": []}]
     numina_path = write_jsonl(tmp_path / "numina.jsonl", numina)
-    examples = load_task("numina_math", "train", data_files=[str(numina_path)])
+    examples = load_task("numina_math", "train", data_files=[str(numina_path)]) + \
+        load_task("numina_math", "validation", data_files=[str(numina_path)])
+    examples.sort(key=lambda e: "2^{10}" not in e.prompt)
     assert normalize_answer(extract_final_answer(examples[0].answer)) == "1024"
 
 

@@ -29,9 +29,15 @@ def test_synthetic_trial_writes_a_complete_record(cache, tmp_path):
     record = run_trial(config(cache))
     assert record["status"] == "completed", record.get("traceback")
     m = record["metrics"]
-    for key in ("best_train_mse", "best_test_mse", "final_train_mse", "final_test_mse"):
+    for key in ("val_mse", "test_mse", "train_mse", "best_train_mse", "best_test_mse", "final_train_mse",
+                "final_test_mse"):
         assert math.isfinite(m[key]) and m[key] >= 0
     assert m["best_test_mse"] <= m["final_test_mse"]
+    # the epoch is selected on validation; test is read at that epoch, not at its own best
+    h = record["history"]
+    assert m["val_mse"] == min(h["val_loss"]) and m["selected_epoch"] == h["selected_epoch"]
+    i = h["epochs"].index(h["selected_epoch"])
+    assert m["val_mse"] == h["val_loss"][i] and m["test_mse"] == h["test_loss"][i]
     assert len(m["layer_grad_norms"]) == 32 and m["gradient_concentration"] >= 1.0
     assert len(m["atom_usage"]) == 2 and len(m["atom_usage"][0]) == 4
     p = record["profile"]
@@ -128,12 +134,14 @@ def test_text_trial_trains_scores_and_profiles_a_causal_lm(tmp_path):
         "method": "instr-queryable",
         "knobs": {"r": 4, "num_atoms": 4, "top_k": 2, "num_blocks": 2, "d_k": 8},
         "task": {"kind": "text", "name": "arc_challenge", "backbone": str(model_dir),
-                 "data_files": {"train": str(rows), "test": str(rows)}, "max_length": 96},
+                 "data_files": {"train": str(rows), "validation": str(rows), "test": str(rows)},
+                 "max_length": 96},
         "train": {"epochs": 2, "batch_size": 2, "lr": 1e-3},
     })
     record = run_trial(config)
     assert record["status"] == "completed", record.get("traceback")
     m = record["metrics"]
     assert 0 <= m["test_accuracy"] <= 1 and m["test_n"] == 3
-    assert math.isfinite(m["best_test_loss"]) and len(m["atom_usage"]) == 2
+    assert 0 <= m["val_accuracy"] <= 1 and m["val_n"] == 3 and m["selected_epoch"] in (1, 2)
+    assert math.isfinite(m["val_loss"]) and math.isfinite(m["best_test_loss"]) and len(m["atom_usage"]) == 2
     assert record["profile"]["trainable_params"] > 0 and record["profile"]["flops"] > 0

@@ -25,6 +25,7 @@ def write_report(study, root: str | Path = "runs", out: str | Path = "reports") 
     ``tables/`` folders there are rewritten from scratch, so nothing stale
     stays. Raises ``ValueError`` when the study was never run in its storage.
     """
+    from qlsearch.report._curves import curves_section
     from qlsearch.report._data import load_study_data
     from qlsearch.report._dynamics import dynamics_section
     from qlsearch.report._front import front_section
@@ -41,6 +42,7 @@ def write_report(study, root: str | Path = "runs", out: str | Path = "reports") 
     sections = [
         front_section(data, figures),
         *table_sections(data, tables),
+        curves_section(data, figures),
         dynamics_section(data, figures),
         routing_section(data, figures),
         importance_section(data, figures, tables),

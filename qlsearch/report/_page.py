@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from qlsearch.report._data import Section, StudyData, Table, fmt
-from qlsearch.status import OVERHEAD_PARTS, overhead_breakdown
+from qlsearch.status import OVERHEAD_PARTS, format_budget, method_budget, overhead_breakdown
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto; max-width: 1200px;
@@ -94,6 +94,11 @@ def _get_header(data: StudyData) -> Header:
                  f"seeds {', '.join(map(str, study.seeds))}"),
         ("objectives", "; ".join(f"{m.label} ({'max' if m.higher_is_better else 'min'}imise)"
                                  for m in study.objectives)),
+        ("selection", "ON THE TEST SET (allow_test_selection = true): test numbers here are not held-out "
+                      "estimates" if study.allow_test_selection else "epochs and settings chosen on "
+                      "validation; test metrics read at the selected epoch, never searched on"),
+        ("budget", format_budget(method_budget([{"baseline": t.baseline, "method": t.method, "state": t.state,
+                                                 "failure": t.failure, "seeds": t.records} for t in trials]))),
         ("searched", "; ".join(f"{s.method}: " + ", ".join(
             [f"{p.name} ∈ {list(p.choices)}" if p.choices else f"{p.name} ∈ [{p.low}, {p.high}]" for p in s.params]
             + [f"{k} = {v}" for k, v in s.fixed.items()]) for s in study.spaces) or "nothing (baselines only)"),

@@ -45,7 +45,8 @@ Raw-scale MSE = standardised MSE × ``y_std²``.
 Example::
 
     >>> splits = make_splits("ackley", seed=0)
-    >>> x, y = splits.target_train          # float32, 400×2 and 400×1
+    >>> x, y = splits.target_train          # float32, 320×2 and 320×1
+    >>> x, y = splits.target_val            # 80 of the paper's 400 training samples, held out
 """
 
 from __future__ import annotations
@@ -262,15 +263,23 @@ class SyntheticSplits:
     source_train: Pair
     source_test: Pair
     target_train: Pair
+    target_val: Pair  # a seeded slice of the paper's target training samples: selects epochs
     target_test: Pair
     function: str
     seed: int
 
 
 def make_splits(function: str, seed: int, source_n: int = 3000, source_train_frac: float = 0.8,
-                target_n: int = 1200, target_train_n: int = 400) -> SyntheticSplits:
+                target_n: int = 1200, target_train_n: int = 400, val_frac: float = 0.2) -> SyntheticSplits:
     """The paper's splits (§B.3): 3,000 source samples, 80 % to pre-train on; 1,200 fresh
-    target samples, 400 to adapt on and 800 held out. Deterministic under ``seed``."""
+    target samples, 400 to adapt on and 800 held out for test. Deterministic under ``seed``.
+
+    The paper selects on test; we hold out ``val_frac`` of the 400 adaptation samples
+    (a seeded random subset, 80 by default) as the validation split that selects the
+    epoch, so the adapters train on the other 320 and the 800 test samples stay unseen.
+    """
+    if not 0 < val_frac < 1:
+        raise ValueError(f"val_frac: got {val_frac!r}; allowed: 0 < value < 1")
     if not 0 < source_train_frac < 1:
         raise ValueError(f"source_train_frac: got {source_train_frac!r}; allowed: 0 < value < 1")
     n_train = round(source_n * source_train_frac)
@@ -281,10 +290,16 @@ def make_splits(function: str, seed: int, source_n: int = 3000, source_train_fra
     # Samples are i.i.d., so contiguous slices are random splits.
     xs, ys = sample(function, source_n, seed, domain_shift=False)
     xt, yt = sample(function, target_n, seed, domain_shift=True)
+    order = torch.randperm(target_train_n, generator=_generator(function, "validation", seed))
+    n_val = max(1, round(val_frac * target_train_n))
+    if n_val >= target_train_n:
+        raise ValueError(f"target_train_n: got {target_train_n!r}; too few samples for train and validation")
+    train, val = order[n_val:], order[:n_val]
     return SyntheticSplits(
         source_train=(xs[:n_train], ys[:n_train]),
         source_test=(xs[n_train:], ys[n_train:]),
-        target_train=(xt[:target_train_n], yt[:target_train_n]),
+        target_train=(xt[train], yt[train]),
+        target_val=(xt[val], yt[val]),
         target_test=(xt[target_train_n:], yt[target_train_n:]),
         function=function,
         seed=seed,

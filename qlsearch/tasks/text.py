@@ -79,8 +79,13 @@ class TextTask:
     ``splits`` maps our split names to the hub's where they differ: ``"test"`` is
     the labelled ``validation`` split where the hub hides test labels. Where the hub
     has only a train split, ``holdout`` is the fraction of it (its last rows,
-    rounded up) that ``"test"`` reads; ``"train"`` is the rest. Other names (and
-    ``datasets`` slicing such as ``"train[:100]"``) pass through unchanged.
+    rounded up) that ``"test"`` reads; ``"train"`` is the rest.
+
+    ``"validation"`` selects epochs and must never be the test set: it is the hub's
+    ``validation`` split where that split is not already our test (``validation``
+    names it), otherwise a seeded random ``val_holdout`` of the train rows (rounded
+    up, at least one), which ``"train"`` then leaves out. Other names (and
+    ``datasets`` slicing such as ``"train[:100]"``) pass through to the hub unchanged.
     """
 
     name: str
@@ -91,6 +96,8 @@ class TextTask:
     format: Callable[[dict, int], fmt.Parts] = field(repr=False)
     splits: dict[str, str] = field(default_factory=dict)
     holdout: float = 0.0
+    validation: str | None = None  # the hub split "validation" reads; None: a seeded slice of train
+    val_holdout: float = 0.1
 
     @property
     def instruction(self) -> str:
@@ -114,16 +121,19 @@ def _superglue(name: str, fields: tuple[str, ...], formatter, config: str | None
 
 
 TEXT_TASKS: dict[str, TextTask] = {t.name: t for t in (
-    TextTask("arc_challenge", _MC, "allenai/ai2_arc", ("ARC-Challenge",), _ARC, fmt.ai2_arc),
-    TextTask("arc_easy", _MC, "allenai/ai2_arc", ("ARC-Easy",), _ARC, fmt.ai2_arc),
+    # validation: the hub's own split where it has one besides a labelled test; every
+    # other task validates on a seeded 10 % of its train rows
+    TextTask("arc_challenge", _MC, "allenai/ai2_arc", ("ARC-Challenge",), _ARC, fmt.ai2_arc,
+             validation="validation"),
+    TextTask("arc_easy", _MC, "allenai/ai2_arc", ("ARC-Easy",), _ARC, fmt.ai2_arc, validation="validation"),
     TextTask("openbookqa", _MC, "allenai/openbookqa", ("main",),
-             ("question_stem", "choices", "answerKey"), fmt.openbookqa),
+             ("question_stem", "choices", "answerKey"), fmt.openbookqa, validation="validation"),
     TextTask("hellaswag", _MC, "Rowan/hellaswag", (None,),
              ("activity_label", "ctx_a", "ctx_b", "endings", "label"), fmt.hellaswag, _HIDDEN_TEST),
     TextTask("boolq", _MC, "google/boolq", (None,), ("question", "passage", "answer"), fmt.boolq,
              _HIDDEN_TEST),
     TextTask("race", _MC, "ehovy/race", ("all",), ("article", "question", "options", "answer"),
-             fmt.race),
+             fmt.race, validation="validation"),
     _superglue("boolq", ("question", "passage"), fmt.superglue_boolq),
     _superglue("cb", ("premise", "hypothesis"), fmt.superglue_cb),
     _superglue("copa", ("premise", "choice1", "choice2", "question"), fmt.superglue_copa),
@@ -150,7 +160,7 @@ def get_text_task(name: str) -> TextTask:
 
 def load_task(name: str, split: str, limit: int | None = None, data_files: DataFiles | None = None,
               seed: int = 0) -> list[TextExample]:
-    """The examples of task ``name`` on ``split`` (``"train"``, ``"test"``, or a hub split).
+    """The examples of task ``name`` on ``split`` (``"train"``, ``"validation"``, ``"test"``, or a hub split).
 
     ``limit`` keeps a random subset of that size, fixed by ``seed`` (``seed`` also
     fixes GPQA's choice order). ``data_files`` replaces the hub: one file or a list
@@ -160,7 +170,7 @@ def load_task(name: str, split: str, limit: int | None = None, data_files: DataF
     task = get_text_task(name)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
         raise ValueError(f"limit: got {limit!r}; allowed: None or an integer >= 0")
-    rows = _load_rows(task, split, data_files)
+    rows = _load_rows(task, split, data_files, seed)
     missing = [f for f in task.fields if f not in rows.column_names]
     if missing:
         raise ValueError(
@@ -175,7 +185,7 @@ def load_task(name: str, split: str, limit: int | None = None, data_files: DataF
         if task.kind == _MC and parts.label is None:
             raise ValueError(
                 f"{name}: split {split!r} has rows without a label (the hub hides test labels); "
-                f"use 'test' (= {task.hub_split('test')!r}) or 'validation'"
+                f"use 'test' (= {task.hub_split('test')!r})"
             )
         examples.append(TextExample(parts.prompt, parts.answer, parts.choices, parts.label,
                                     task.instruction))
@@ -187,13 +197,25 @@ _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "
 _COMPRESSION = {".gz", ".bz2", ".xz", ".zst", ".zip"}
 
 
-def _load_rows(task: TextTask, split: str, data_files: DataFiles | None):
-    if task.holdout and split in ("train", "test"):
-        rows = _load_hub_split(task, "train", data_files)
-        n_test = math.ceil(task.holdout * len(rows))
-        cut = len(rows) - n_test
-        return rows.select(range(cut) if split == "train" else range(cut, len(rows)))
-    return _load_hub_split(task, task.hub_split(split), data_files)
+def _load_rows(task: TextTask, split: str, data_files: DataFiles | None, seed: int):
+    if split == "validation" and task.validation:
+        return _load_hub_split(task, task.validation, data_files)
+    if split not in ("train", "validation", "test") or (split == "test" and not task.holdout):
+        return _load_hub_split(task, task.hub_split(split), data_files)
+    # train (and validation or test where the hub has no split for them): the hub's train rows,
+    # less the last `holdout` that test reads, less the seeded `val_holdout` validation reads
+    rows = _load_hub_split(task, "train", data_files)
+    cut = len(rows) - math.ceil(task.holdout * len(rows))
+    if split == "test":
+        return rows.select(range(cut, len(rows)))
+    rows = rows.select(range(cut))
+    if task.validation:
+        return rows
+    import numpy as np
+
+    order = np.random.default_rng(seed).permutation(len(rows))
+    n_val = max(1, math.ceil(task.val_holdout * len(rows)))
+    return rows.select(sorted(order[:n_val] if split == "validation" else order[n_val:]))
 
 
 def _load_hub_split(task: TextTask, hub_split: str, data_files: DataFiles | None):

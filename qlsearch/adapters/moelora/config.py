@@ -16,7 +16,9 @@ class MoELoRAConfig(AdapterConfig):
     ``G(x) = softmax(W_g x)`` per token, renormalised over its top-k experts.
     During training each layer also produces
     ``load_balance_weight * L_balance + contrastive_weight * L_contrastive``
-    (see ``MoELoRALinear``), read through ``qlsearch.adapters.auxiliary_loss(model)``.
+    (see ``MoELoRALinear``); the model's auxiliary term, read through
+    ``qlsearch.adapters.auxiliary_loss(model)``, is the mean of these over the adapted
+    layers, so the weights mean the same at any depth.
 
     ``target_modules=None`` adapts every ``nn.Linear`` inside the transformer
     layers (every ``nn.Linear`` of a model without a layer list).

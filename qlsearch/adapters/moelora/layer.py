@@ -72,6 +72,9 @@ class MoELoRALinear(nn.Module):
         self.gate = nn.Linear(d_in, c.num_experts, bias=False, device=w.device, dtype=w.dtype)
         self.dropout = nn.Dropout(c.dropout)
         self.config = c
+        #: this layer's share of the auxiliary term: 1 / (number of adapted layers), set by
+        #: ``MoELoRAModel``, so the model's term is the per-layer mean and does not grow with depth
+        self.aux_share = 1.0
         self._aux: Tensor | None = None
         self.last_top: Tensor | None = None  # the experts chosen in the last forward (for routing traces)
 
@@ -109,8 +112,9 @@ class MoELoRALinear(nn.Module):
             codes = s_sub.gather(1, top_sub.unsqueeze(-1).expand(-1, -1, c.r))  # (n, k, r)
             cl = expert_contrastive_loss(codes.flatten(0, 1), top_sub.flatten(), c.contrastive_temperature)
             total = total + c.contrastive_weight * cl
-        return total
+        return self.aux_share * total
 
     def auxiliary_loss(self) -> Tensor | None:
-        """The weighted load-balance + contrastive term of the last training forward (None in eval)."""
+        """This layer's share of the weighted load-balance + contrastive term of the last
+        training forward (None in eval)."""
         return self._aux

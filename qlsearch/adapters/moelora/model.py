@@ -8,7 +8,10 @@ written down in ``baselines/moelora.toml`` (``assumptions``). The main ones:
   this reproduces Table 6's 18,579,456 at Qwen2.5-0.5B exactly;
 * load balance ``E sum_i f_i P_i`` (Switch) and a supervised-contrastive InfoNCE
   on the selected experts' rank-space outputs ``A_e x`` (same expert = positive);
-  both batch-level and training-only, weights 0.01 each, ``tau = 0.1``;
+  both batch-level and training-only, weights 0.01 each, ``tau = 0.1``, averaged over
+  the adapted layers (Switch and Mixtral's ``load_balancing_loss_func`` average over
+  layers too): summed over Qwen2.5-0.5B's 168 layers they would add ~10 to a task
+  loss of 1-2, averaged they add ~0.07;
 * every ``B_i = 0`` at init, so the adapted model equals the base exactly.
 """
 
@@ -58,6 +61,8 @@ class MoELoRAModel(AdapterModel):
         with seeded(config.seed):
             for name in names:
                 self.replace(name, lambda base: MoELoRALinear(base, config))
+        for layer in self.adapted_layers():  # the auxiliary term is the mean over layers
+            layer.aux_share = 1.0 / len(names)
 
     def routing_trace(self) -> dict[str, Tensor]:
         """The top-k expert ids each adapted layer chose in the last forward (``... x k``)."""
