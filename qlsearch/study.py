@@ -131,6 +131,10 @@ class Study:
                     points.append((space.method, knobs))
         return points
 
+    def names(self) -> list[str]:
+        """The registry names this study uses: its task and methods (a sweep ships plug-ins)."""
+        return [self.task.name, *(s.method for s in self.spaces), *(b.method for b in self.baselines)]
+
     @property
     def directions(self) -> list[str]:
         return [m.direction for m in self.objectives]
@@ -173,16 +177,16 @@ def _param(method: str, name: str, value) -> Param | None:
 def _space(method: str, table) -> MethodSpace:
     if not isinstance(table, dict):
         raise _fail(f"space.{method}", f"got {table!r}; allowed: a table of knobs")
-    known = get_method(method).knobs
+    entry = get_method(method)
     params, fixed = [], {}
     for name, value in table.items():
-        if name not in known:
-            raise _fail(f"space.{method}.{name}", f"not a knob of {method}; allowed: {', '.join(sorted(known))}")
         param = _param(method, name, value)
         if param is None:
             fixed[name] = value
         else:
             params.append(param)
+        for v in [value] if param is None else param.choices or (param.low, param.high):
+            entry.check_knobs({name: v}, f"space.{method}")  # a known knob, each value of its type
     # bounds first, so a constrained knob can be sampled within the sampled bound
     params.sort(key=lambda p: p.name in CONSTRAINTS)
     space = MethodSpace(method, tuple(params), fixed)
@@ -216,10 +220,11 @@ def _baseline(i: int, table) -> Baseline:
     if unknown:
         raise _fail(f"{where}.{unknown[0]}", "unknown field; allowed: method, knobs, label")
     method, knobs = table["method"], dict(table.get("knobs", {}))
-    allowed = get_method(method).knobs
-    for name in knobs:
-        if name not in allowed:
-            raise _fail(f"{where}.knobs.{name}", f"not a knob of {method}; allowed: {', '.join(sorted(allowed))}")
+    try:
+        entry = get_method(method)
+    except ValueError as err:
+        raise _fail(f"{where}.method", str(err).removeprefix("method: ")) from None
+    entry.check_knobs(knobs, f"{where}.knobs")
     return Baseline(method, knobs, table.get("label") or method)
 
 
