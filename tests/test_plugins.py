@@ -17,6 +17,7 @@ import peft
 import pytest
 from peft.config import PromptLearningConfig
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+from transformers import AutoModelForCausalLM
 
 from qlsearch._registry import Registry
 from qlsearch._toml import tomllib
@@ -200,6 +201,23 @@ def test_params_takes_peft_methods(tmp_path, capsys):
     assert code == 0, err
     rows = {row["method"]: row for row in json.loads(out)}
     assert rows["peft:loha"]["targets"] == "requested" and rows["peft:loha"]["trainable"] > 0
+
+
+def test_profile_takes_peft_methods(tmp_path, capsys):
+    from transformers import Qwen2Config
+
+    Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                bos_token_id=1, eos_token_id=2).save_pretrained(tmp_path)
+    code, out, err = run(capsys, "profile", "--model", str(tmp_path), "--methods", "peft:loha", "--batch", "1",
+                         "--seq", "4", "--repeats", "1", "--warmup", "0", "--threads", "1",
+                         "--skip", "decode,train,flops", "--r", "4", "--json")
+    assert code == 0, err
+    row = json.loads(out)["methods"]["peft:loha"]
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = AutoModelForCausalLM.from_config(Qwen2Config.from_pretrained(tmp_path))
+    assert row["trainable_params"] == trainable(peft.get_peft_model(model, peft.LoHaConfig(r=4, target_modules=targets)))
+    assert row["forward_ms"] > 0
 
 
 # ---- qlsearch list -------------------------------------------------------------------------
