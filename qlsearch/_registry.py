@@ -27,7 +27,7 @@ T = TypeVar("T")
 
 
 def lookup(registry: Mapping[str, T], name: str, field: str, what: str) -> T:
-    """``registry[name]``; a miss raises ``ValueError("field: unknown what 'x'; allowed: ... Did you mean ...?")``."""
+    """For a plain table with no plug-ins: ``registry[name]``; a miss raises ``ValueError("field: unknown what 'x'; allowed: ... Did you mean ...?")``."""
     try:
         return registry[name]
     except KeyError:
@@ -78,7 +78,7 @@ class Family(Generic[T]):
 class Listed(Generic[T]):
     name: str
     entry: T
-    origin: str  # "built-in", "PEFT 0.19.0", "entry point (pkg 1.0)"
+    origin: str  # "built-in", a family's ("PEFT"), "entry point (dist version)"
 
 
 class Registry(Generic[T]):
@@ -122,13 +122,6 @@ class Registry(Generic[T]):
         self._resolved[name] = entry
         return entry
 
-    def __contains__(self, name: str) -> bool:
-        try:
-            self.get(name)
-        except ValueError:
-            return False
-        return True
-
     def listed(self) -> Iterator[Listed[T]]:
         """Every entry that can be named without a reference: built-ins, families, entry points."""
         for name in sorted(self.builtins):
@@ -171,6 +164,6 @@ def plugin_modules(names: list[str]) -> list:
     for name in names:
         if is_reference(name):
             top = name.partition(":")[0].split(".")[0]
-            if top not in installed and top not in sys.builtin_module_names:
+            if top not in installed and top not in sys.stdlib_module_names:
                 modules[top] = importlib.import_module(top)
     return list(modules.values())

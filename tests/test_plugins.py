@@ -23,10 +23,10 @@ from qlsearch._registry import Registry
 from qlsearch._toml import tomllib
 from qlsearch.adapters import Method, attach, get_method
 from qlsearch.backbones import SYNTHETIC_TARGETS, build_backbone
-from qlsearch.cli import main
 from qlsearch.study import parse_study
 from qlsearch.trial import TrialConfig
 from tests.conftest import tiny_qwen2
+from tests.test_cli import run
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -35,15 +35,6 @@ def readme_files() -> dict[str, str]:
     """The README's code blocks that start by naming a file (``# my_plugins.py``): name -> text."""
     blocks = re.findall(r"```(?:python|toml)\n# (\S+\.(?:py|toml))\n(.*?)```", README.read_text(), re.S)
     return dict(blocks)
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as exit_:
-        code = exit_.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def trainable(model) -> int:
