@@ -80,6 +80,7 @@ def test_every_peft_method_that_adapts_linears_is_named():
     for name in runnable:
         method = get_method(f"peft:{name}")
         assert method.name == f"peft:{name}"
+        method.check_knobs(method.knobs)  # PEFT's own defaults pass the type checks
 
 
 def test_peft_knobs_are_the_config_fields_with_their_defaults():

@@ -29,7 +29,7 @@ import enum
 import functools
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from torch import nn
 
@@ -104,8 +104,8 @@ def fits(value, hint) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if hint is float:
         return isinstance(value, int | float) and not isinstance(value, bool)
-    if origin in (list, tuple, set, frozenset, typing.Sequence) or hint in (list, tuple):
-        item = args[0] if args and args[-1] is not Ellipsis or len(args) == 2 else typing.Any
+    if origin in (list, tuple, set, frozenset, Sequence) or hint in (list, tuple):
+        item = args[0] if args else typing.Any  # list[X], tuple[X, ...]
         return isinstance(value, list | tuple) and all(fits(v, item) for v in value)
     if origin in (dict, Mapping) or hint is dict:
         return isinstance(value, dict)
