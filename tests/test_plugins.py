@@ -249,6 +249,31 @@ def test_every_kind_answers_a_miss_the_same_way():
         registry.get("json:dumps")
 
 
+def test_references_name_the_same_kind_of_object_for_every_kind(tmp_path, monkeypatch):
+    from qlsearch.metrics import get_metric
+    from qlsearch.tasks.synthetic import get_function
+    from qlsearch.tasks.text import get_text_task
+
+    (tmp_path / "my_kinds.py").write_text(
+        "from qlsearch.adapters import get_method\n"
+        "from qlsearch.metrics import get_metric\n"
+        "from qlsearch.tasks.synthetic import FUNCTIONS\n"
+        "from qlsearch.tasks.text import get_text_task\n"
+        "FUNCTION = FUNCTIONS['matyas']\nTASK = get_text_task('boolq')\nMETHOD = get_method('lora')\n"
+        "METRIC = get_metric('forward_ms')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_kinds", raising=False)
+    assert get_function("my_kinds:FUNCTION") is get_function("matyas")
+    assert get_text_task("my_kinds:TASK") is get_text_task("boolq")
+    assert get_method("my_kinds:METHOD") is get_method("lora")
+    with pytest.raises(ValueError, match=r"^objective: unknown metric 'my_kinds:METRIC'; allowed: .*an entry point"):
+        get_metric("my_kinds:METRIC")  # a record keeps a metric under its name: no references
+    with pytest.raises(ValueError, match=r"^task: 'my_kinds:METHOD' is a Method; allowed: a qlsearch.tasks.text.TextTask$"):
+        get_text_task("my_kinds:METHOD")
+    with pytest.raises(ValueError, match=r"^function: module 'my_kinds' has no attribute 'NOPE'"):
+        get_function("my_kinds:NOPE")
+
+
 # ---- the README's plug-ins -------------------------------------------------------------------
 
 
