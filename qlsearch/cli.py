@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
 import sys
 import warnings
@@ -300,10 +301,37 @@ def _run_params(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- list -----------------------------------------------------------------------------------
+
+_KINDS = ("methods", "tasks", "functions", "metrics")
+
+
+def _add_list(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("list", help="what a study can name: methods, tasks, functions, metrics",
+                              description="Print the built-ins, PEFT's methods (peft:<name>) and the "
+                                          "installed plug-ins (entry points), each with its knobs and "
+                                          "where it comes from. module:attribute references are not "
+                                          "listed: any importable one may be named.")
+    p.add_argument("kind", choices=_KINDS, help="which registry")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.set_defaults(run=_run_list, parser=p)
+
+
+def _run_list(args: argparse.Namespace) -> int:
+    from qlsearch.listing import format_listing, listing
+
+    try:
+        rows = listing(args.kind)
+    except ValueError as err:  # an installed plug-in that does not load
+        raise UsageError(str(err)) from err
+    print(json.dumps(rows, indent=2, default=repr) if args.json else format_listing(rows))
+    return 0
+
+
 # ---- the command ---------------------------------------------------------------------------
 
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_sweep, _add_status, _add_report, _add_trial, _add_profile, _add_params,
+    _add_sweep, _add_status, _add_report, _add_trial, _add_profile, _add_params, _add_list,
 ]
 
 
@@ -320,6 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # like `python -m`: module:attribute plug-ins in the current folder import (last, so they
+    # never shadow an installed module)
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         return args.run(args)
     except UsageError as err:

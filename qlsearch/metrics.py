@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qlsearch._registry import lookup
+from qlsearch._registry import Registry
 
 
 @dataclass(frozen=True)
@@ -77,8 +77,14 @@ METRICS: dict[str, Metric] = _metrics(
 )
 
 
+#: The built-ins, or a ``Metric`` installed as an entry point of ``qlsearch.metrics`` (its name
+#: is the key a trial record keeps it under, so a metric is named by its name, never by reference).
+METRIC_REGISTRY: Registry[Metric] = Registry("metric", "objective", "qlsearch.metrics", Metric, METRICS,
+                                             references=False)
+
+
 def get_metric(name: str) -> Metric:
-    return lookup(METRICS, name, "objective", "metric")
+    return METRIC_REGISTRY.get(name)
 
 
 def metric_value(record: dict, name: str) -> float | None:

@@ -62,11 +62,12 @@ def parameter_table(model: str, methods: list[str], r: int = 8,
     rows = []
     for name in methods:
         method = get_method(name)
-        own = {k: v for k, v in knobs.items() if k in method.knobs}
+        # the shared knobs this method has (IA3, for one, has no rank)
+        own = {k: v for k, v in {"r": r, **knobs}.items() if k in method.knobs}
         try:
-            adapted, used = attach(copy.deepcopy(base), name, r=r, target_modules=targets, **own), "requested"
+            adapted, used = attach(copy.deepcopy(base), name, target_modules=targets, **own), "requested"
         except ValueError:  # e.g. HyRA's heads do not divide an MLP projection: its own targets
-            adapted, used = attach(copy.deepcopy(base), name, r=r, **own), "method default"
+            adapted, used = attach(copy.deepcopy(base), name, **own), "method default"
         params = list(adapted.parameters())
         rows.append(ParameterRow(
             method=name,

@@ -38,6 +38,7 @@ from pathlib import Path
 import optuna
 from ray.tune.search.optuna import OptunaSearch
 
+from qlsearch._registry import plugin_modules
 from qlsearch.study import MethodSpace, Param, Study
 from qlsearch.trial import TrialConfig, run_trial, write_record
 
@@ -368,10 +369,14 @@ def run_sweep(study: Study, root: str | Path = "runs", address: str | None = Non
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local clusters: no token auth
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if not ray.is_initialized():
+        # the workers import the study's module:attribute plug-ins by name: ship those that
+        # are not installed, so every node of a cluster (and a local one) can import them
+        shipped = plugin_modules(study.names())
+        runtime_env = {"py_modules": shipped} if shipped else None
         if address:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
     ray_ready = time.time()
     run_dir = study.run_dir(root).resolve()
     search = StudySearch.for_study(study, storage, seed=len(ot_study.trials))

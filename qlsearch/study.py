@@ -154,6 +154,10 @@ class Study:
         train = {k: v for k, v in knobs.items() if k in TRAIN_KNOBS}
         return {k: v for k, v in knobs.items() if k not in TRAIN_KNOBS}, replace(self.train, **train)
 
+    def names(self) -> list[str]:
+        """The registry names this study uses: its task and methods (a sweep ships plug-ins)."""
+        return [self.task.name, *(s.method for s in self.spaces), *(b.method for b in self.baselines)]
+
     @property
     def directions(self) -> list[str]:
         return [m.direction for m in self.objectives]
@@ -193,19 +197,35 @@ def _param(method: str, name: str, value) -> Param | None:
     return None  # a scalar: fixed
 
 
+def _check_names(entry, knobs: dict, where: str) -> None:
+    """Every name is a knob of the method or a training knob (``TRAIN_KNOBS``); a near miss is suggested."""
+    from difflib import get_close_matches
+
+    allowed = [*entry.knobs, *TRAIN_KNOBS]
+    for name in knobs:
+        if name not in allowed:
+            close = get_close_matches(name, allowed, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise _fail(f"{where}.{name}", f"not a knob of {entry.name}; allowed: "
+                        f"{', '.join(sorted(allowed))}.{hint}")
+
+
 def _space(method: str, table) -> MethodSpace:
     if not isinstance(table, dict):
         raise _fail(f"space.{method}", f"got {table!r}; allowed: a table of knobs")
-    known = {**get_method(method).knobs, **dict.fromkeys(TRAIN_KNOBS)}
+    entry = get_method(method)
+    _check_names(entry, table, f"space.{method}")
     params, fixed = [], {}
     for name, value in table.items():
-        if name not in known:
-            raise _fail(f"space.{method}.{name}", f"not a knob of {method}; allowed: {', '.join(sorted(known))}")
         param = _param(method, name, value)
         if param is None:
             fixed[name] = value
         else:
             params.append(param)
+        if name in TRAIN_KNOBS:  # a training setting, checked as a TrainSpec field
+            continue
+        for v in [value] if param is None else param.choices or (param.low, param.high):
+            entry.check_knobs({name: v}, f"space.{method}")  # each value of the knob's type
     # bounds first, so a constrained knob can be sampled within the sampled bound
     params.sort(key=lambda p: p.name in CONSTRAINTS)
     space = MethodSpace(method, tuple(params), fixed)
@@ -239,10 +259,12 @@ def _baseline(i: int, table) -> Baseline:
     if unknown:
         raise _fail(f"{where}.{unknown[0]}", "unknown field; allowed: method, knobs, label")
     method, knobs = table["method"], dict(table.get("knobs", {}))
-    allowed = {**get_method(method).knobs, **dict.fromkeys(TRAIN_KNOBS)}
-    for name in knobs:
-        if name not in allowed:
-            raise _fail(f"{where}.knobs.{name}", f"not a knob of {method}; allowed: {', '.join(sorted(allowed))}")
+    try:
+        entry = get_method(method)
+    except ValueError as err:
+        raise _fail(f"{where}.method", str(err).removeprefix("method: ")) from None
+    _check_names(entry, knobs, f"{where}.knobs")
+    entry.check_knobs({k: v for k, v in knobs.items() if k not in TRAIN_KNOBS}, f"{where}.knobs")
     return Baseline(method, knobs, table.get("label") or method)
 
 

@@ -76,10 +76,12 @@ class TaskSpec:
             raise ValueError(f"task.instruction_mode: got {self.instruction_mode!r}; allowed: "
                              f"{', '.join(INSTRUCTION_MODES)}")
         if self.kind == "synthetic":
-            from qlsearch.tasks.synthetic import FUNCTIONS
+            from qlsearch.tasks.synthetic import get_function
 
-            if self.name not in FUNCTIONS:
-                raise ValueError(f"task.name: got {self.name!r}; allowed: {', '.join(FUNCTIONS)}")
+            try:
+                get_function(self.name)
+            except ValueError as err:
+                raise ValueError(f"task.name: {str(err).removeprefix('function: ')}") from None
             if self.backbone not in SYNTHETIC_BACKBONES:
                 raise ValueError(f"task.backbone: got {self.backbone!r}; allowed: "
                                  f"{', '.join(SYNTHETIC_BACKBONES)}")
@@ -145,13 +147,10 @@ class TrialConfig:
 
     def __post_init__(self) -> None:
         method = get_method(self.method)  # raises naming the allowed methods
-        unknown = sorted(set(self.knobs) - set(method.knobs) - {"seed"})
-        if unknown:
-            raise ValueError(f"knobs.{unknown[0]}: not a knob of {self.method}; allowed: "
-                             f"{', '.join(sorted(method.knobs))}")
         if "target_modules" in self.knobs:  # one setting, in one place, for every method
             raise ValueError("knobs.target_modules: set task.targets instead; allowed: the method's "
                              "other knobs")
+        method.check_knobs({k: v for k, v in self.knobs.items() if k != "seed"}, "knobs")
 
     @classmethod
     def from_dict(cls, data: dict) -> TrialConfig:

@@ -135,7 +135,7 @@ def bad(**changes):
         (bad(allow_test_selection="yes"), r"study.allow_test_selection: got 'yes'; allowed: true, false"),
         (bad(objectives=[]), r"study.objectives: got \[\]; allowed: a non-empty list"),
         (bad(objectives=["forward_ms", "forward_ms"]), r"listed twice"),
-        (bad(task={"kind": "synthetic", "name": "sphere"}), r"task.name: got 'sphere'; allowed: ackley"),
+        (bad(task={"kind": "synthetic", "name": "sphere"}), r"task.name: unknown function 'sphere'; allowed: ackley"),
         (bad(task={"kind": "text", "name": "arc_chalenge"}), r"task.name: unknown text task 'arc_chalenge'.*Did you mean 'arc_challenge'"),
         (bad(task={"kind": "synthetic", "function": "ackley"}), r"task.function: unknown field"),
         (bad(name="my study"), r"study.name: got 'my study'"),

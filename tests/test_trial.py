@@ -74,7 +74,7 @@ def test_any_error_is_recorded_not_raised(cache):
     ("data", "message"),
     [({"method": "nope"}, "method: unknown adapter 'nope'"),
      ({"task": {"kind": "vision"}}, "task.kind: got 'vision'; allowed: synthetic, text"),
-     ({"task": {"name": "sphere"}}, "task.name: got 'sphere'; allowed: ackley"),
+     ({"task": {"name": "sphere"}}, "task.name: unknown function 'sphere'; allowed: ackley"),
      ({"train": {"epochs": 0}}, "train.epochs: got 0; allowed"),
      ({"train": {"epoch": 3}}, "train.epoch: unknown field; allowed"),
      ({"knobs": {"num_atom": 3}}, "knobs.num_atom: not a knob of queryable")],

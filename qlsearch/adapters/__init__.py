@@ -2,18 +2,22 @@
 
 A study names a method by string; the registry maps it to a function that
 wraps a base model and returns the adapted model. PEFT's own methods are used
-through PEFT, never rewritten.
+through PEFT, never rewritten: the built-in ``lora``, ``dora``, ``lily`` and
+``vblora`` with our knob names, and every method the installed PEFT registers
+as ``peft:<name>`` with its config's own fields. User methods are a ``Method``
+named by ``module:attribute`` or by an entry point of group ``qlsearch.methods``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from difflib import get_close_matches
 
 import torch
 from torch import nn
 
-from qlsearch._registry import lookup
+from qlsearch._registry import Registry
 
 
 @dataclass(frozen=True)
@@ -25,24 +29,38 @@ class Method:
     #: Table 6's columns: how the update depends on the input, and whether text steers it.
     routing: str = "No"
     instruction: bool = False
+    #: checks knob values (types, ranges) before a trial starts: ``check(knobs, where)`` raises
+    #: ``ValueError("<where>.<knob>: got ...; allowed: ...")``; None: names are checked only
+    check: Callable[[dict, str], None] | None = None
+
+    def check_knobs(self, knobs: Mapping, where: str = "knobs") -> None:
+        """Every knob must be one of this method's (a near miss is suggested), then ``check``."""
+        for name in knobs:
+            if name not in self.knobs:
+                close = get_close_matches(name, list(self.knobs), n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"{where}.{name}: not a knob of {self.name}; allowed: "
+                                 f"{', '.join(sorted(self.knobs))}.{hint}")
+        if self.check is not None:
+            self.check(dict(knobs), where)
 
 
-_REGISTRY: dict[str, Method] = {}
+METHODS: Registry[Method] = Registry("adapter", "method", "qlsearch.methods", Method)
 
 
 def register(method: Method) -> Method:
-    if method.name in _REGISTRY:
-        raise ValueError(f"adapter method {method.name!r} is already registered")
-    _REGISTRY[method.name] = method
-    return method
+    """Make ``method`` a built-in: named by ``method.name`` (a clash raises ``ValueError``)."""
+    return METHODS.add(method.name, method)
 
 
 def get_method(name: str) -> Method:
-    return lookup(_REGISTRY, name, "method", "adapter")
+    """The method a study names: built-in, ``peft:<name>``, ``module:attribute`` or an entry point."""
+    return METHODS.get(name)
 
 
 def list_methods() -> list[Method]:
-    return [_REGISTRY[n] for n in sorted(_REGISTRY)]
+    """The built-in methods (``METHODS.listed()`` adds PEFT's and the installed plug-ins)."""
+    return [METHODS.builtins[n] for n in sorted(METHODS.builtins)]
 
 
 def attach(model: nn.Module, method: str, precision: str | None = "mixed", **knobs) -> nn.Module:
@@ -82,4 +100,4 @@ def auxiliary_loss(model: nn.Module) -> torch.Tensor | float:
     return total
 
 
-from qlsearch.adapters import _builtin  # noqa: E402,F401  (registers the built-in methods)
+from qlsearch.adapters import _builtin, _peft_any  # noqa: E402,F401  (register the built-ins, peft:<name>)

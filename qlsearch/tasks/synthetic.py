@@ -61,6 +61,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from qlsearch._registry import Registry
+
 NOISE_STD = 0.05
 SHIFT_STD = 0.1  # relative coefficient perturbation, rotation (rad), output scale and offset
 
@@ -183,12 +185,15 @@ FUNCTIONS: dict[str, FunctionSpec] = {
 }
 
 
+#: The built-ins, a ``FunctionSpec`` named ``module:attribute``, or an entry point of
+#: ``qlsearch.functions``: a user's function gets the same shift, splits and backbone cache.
+FUNCTION_REGISTRY: Registry[FunctionSpec] = Registry("function", "function", "qlsearch.functions",
+                                                     FunctionSpec, FUNCTIONS)
+
+
 def get_function(name: str) -> FunctionSpec:
-    """The registry entry ``name``; a miss names the allowed functions."""
-    try:
-        return FUNCTIONS[name]
-    except KeyError:
-        raise ValueError(f"function: got {name!r}; allowed: {', '.join(FUNCTIONS)}") from None
+    """The function ``name`` names; a miss names the allowed functions."""
+    return FUNCTION_REGISTRY.get(name)
 
 
 @functools.cache

@@ -25,7 +25,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Literal
 
-from qlsearch._registry import lookup
+from qlsearch._registry import Registry
 from qlsearch.tasks import _text_formats as fmt
 from qlsearch.tasks._text_answers import (
     answers_match,
@@ -154,8 +154,12 @@ TEXT_TASKS: dict[str, TextTask] = {t.name: t for t in (
 )}
 
 
+#: The built-ins, a ``TextTask`` named ``module:attribute``, or an entry point of ``qlsearch.tasks``.
+TEXT_TASK_REGISTRY: Registry[TextTask] = Registry("text task", "task", "qlsearch.tasks", TextTask, TEXT_TASKS)
+
+
 def get_text_task(name: str) -> TextTask:
-    return lookup(TEXT_TASKS, name, "task", "text task")
+    return TEXT_TASK_REGISTRY.get(name)
 
 
 def load_task(name: str, split: str, limit: int | None = None, data_files: DataFiles | None = None,
