@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 
 from torch import nn
 
-from qlsearch._registry import Family
+from qlsearch._registry import Family, unknown_name
 from qlsearch.adapters import METHODS, Method
 
 PREFIX = "peft"
@@ -139,8 +139,6 @@ def peft_method(name: str) -> Method:
     configs = _configs()
     field = "method"
     if name not in configs:
-        from qlsearch._registry import unknown_name
-
         raise unknown_name(f"{PREFIX}:{name}", [f"{PREFIX}:{n}" for n in runnable()], field,
                        f"PEFT {peft.__version__} method")
     config_class = configs[name]
@@ -172,7 +170,7 @@ def peft_method(name: str) -> Method:
 
     method = Method(full, attach, f"{config_class.__name__} from PEFT {peft.__version__}", defaults,
                     check=check)
-    return method
+    return method  # attach checks its knobs through it
 
 
 METHODS.add_family(Family(PREFIX, "PEFT", runnable, peft_method))
