@@ -2,7 +2,8 @@
 
 ``write_report(study)`` reads the study's Optuna storage and its trial records
 and writes ``reports/<study>/``: ``index.html`` (opens from disk), ``report.md``,
-``figures/*.png|svg`` and ``tables/*.csv``. Regenerating an unchanged study
+``figures/*.png|svg|pdf``, ``tables/*.csv``, ``trials/<n>.json`` (each trial's
+records) and ``assets/`` (the page's JavaScript, plotly.js included). Regenerating an unchanged study
 writes the same bytes.
 
 >>> from qlsearch.study import load_study
@@ -27,6 +28,7 @@ def write_report(study, root: str | Path = "runs", out: str | Path = "reports") 
     """
     from qlsearch.report._data import load_study_data
     from qlsearch.report._dynamics import dynamics_section
+    from qlsearch.report._explore import explore_section
     from qlsearch.report._front import front_section
     from qlsearch.report._importance import importance_section
     from qlsearch.report._page import write_page
@@ -39,6 +41,7 @@ def write_report(study, root: str | Path = "runs", out: str | Path = "reports") 
     for generated in (figures, tables):
         shutil.rmtree(generated, ignore_errors=True)
     sections = [
+        explore_section(data, folder),
         front_section(data, figures),
         *table_sections(data, tables),
         dynamics_section(data, figures),

@@ -211,18 +211,50 @@ def _fmt_number(value) -> str:
     return f"{value:.4g}"
 
 
+# ---- what an axis and a machine are called ----------------------------------------------------
+
+
+def axis_label(data: StudyData, name: str) -> str:
+    """A metric's label with its unit; latency also says the batch it was timed at, from the
+    records (``forward latency (ms, batch 64)``), since a latency without it means little."""
+    from qlsearch.metrics import METRICS
+
+    label = METRICS[name].label if name in METRICS else name
+    if name != "forward_ms":
+        return label
+    batches = {r.get("profile", {}).get("batch") for t in data.trials for r in t.records
+               if r.get("profile", {}).get("batch") is not None}
+    where = f"batch {batches.pop()}" if len(batches) == 1 else "batch varies by trial" if batches else \
+        "batch not recorded"
+    return label.replace("(ms)", f"(ms, {where})")
+
+
+def machine_text(record: dict) -> str:
+    """Where a trial record says it ran: CPU or GPU, threads (``machine`` of the record)."""
+    m = record.get("machine")
+    if not m:
+        return "not recorded"
+    if m.get("gpu"):
+        return f"{m['gpu'].get('name')} (CUDA {m['gpu'].get('cuda')})"
+    threads = m.get("torch_threads")
+    return f"{m.get('cpu')}, {threads} thread{'s' if threads != 1 else ''}"
+
+
 # ---- saving figures ------------------------------------------------------------------
 
 
 def save_figure(fig, folder: Path, stem: str) -> None:
-    """``<stem>.png`` and ``<stem>.svg``, byte-identical for the same figure: no dates or
-    versions in the metadata, fixed SVG ids."""
+    """``<stem>.png``, ``.svg`` and ``.pdf``, byte-identical for the same figure: no dates or
+    versions in the metadata, fixed SVG ids. PNG at 200 dpi: sharp when printed at the
+    one-column width (3.5 in) the paper figures are drawn at."""
     import matplotlib
 
     folder.mkdir(parents=True, exist_ok=True)
     with matplotlib.rc_context({"svg.hashsalt": "qlsearch"}):
-        fig.savefig(folder / f"{stem}.png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+        fig.savefig(folder / f"{stem}.png", dpi=200, bbox_inches="tight", metadata={"Software": None})
         fig.savefig(folder / f"{stem}.svg", bbox_inches="tight", metadata={"Date": None, "Creator": None})
+        fig.savefig(folder / f"{stem}.pdf", bbox_inches="tight",
+                    metadata={"CreationDate": None, "Creator": None, "Producer": None})
 
 
 def new_figure(nrows: int = 1, ncols: int = 1, **kwargs):
@@ -238,7 +270,7 @@ def new_figure(nrows: int = 1, ncols: int = 1, **kwargs):
 
 
 class FigureRef(NamedTuple):
-    """``figures/<stem>.png`` (shown) and ``.svg`` (linked)."""
+    """``figures/<stem>.png`` (shown), ``.svg`` and ``.pdf`` (linked)."""
 
     stem: str
     caption: str
@@ -259,6 +291,7 @@ class Section(NamedTuple):
     paragraphs: list[str]
     figures: list[FigureRef] = []
     tables: list[Table] = []
+    html: str = ""  # interactive markup, after the paragraphs (the Markdown has none)
 
 
 def write_csv(folder: Path, stem: str, columns: list[str], rows: list[list]) -> None:

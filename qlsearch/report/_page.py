@@ -9,12 +9,11 @@ written: the only time shown is the study's own (its last trial's completion).
 from __future__ import annotations
 
 import html
-import os
-import platform
 from pathlib import Path
 from typing import NamedTuple
 
-from qlsearch.report._data import Section, StudyData, Table, fmt
+from qlsearch.report._coverage import coverage_rows
+from qlsearch.report._data import Section, StudyData, Table, fmt, machine_text
 from qlsearch.status import OVERHEAD_PARTS, overhead_breakdown
 
 CSS = """
@@ -32,6 +31,12 @@ th, td { border: 1px solid #ddd; padding: 0.25rem 0.5rem; text-align: left; vert
 th { background: #f4f4f6; position: sticky; top: 0; }
 tr.failed td { background: #fdecea; } td.failure { max-width: 28rem; overflow-wrap: anywhere; }
 code { background: #f4f4f6; padding: 0 0.2rem; }
+.controls { display: flex; flex-wrap: wrap; gap: 0.4rem 1.2rem; align-items: center; margin: 0.6rem 0;
+            font-size: 0.9rem; } .controls .range { margin-right: 0.8rem; } .controls input[type=number] { width: 5rem; }
+.plot { width: 100%; min-height: 460px; } #explore-table tbody tr { cursor: pointer; }
+#explore-table tbody tr:hover td { background: #eef4fb; } th.sortable { cursor: pointer; user-select: none; }
+#record { border: 1px solid #ccc; padding: 0 1rem; margin: 1rem 0; background: #fafafa; }
+#record pre { max-height: 30rem; overflow: auto; font-size: 0.78rem; } .pc-line { cursor: pointer; }
 """
 
 
@@ -42,7 +47,15 @@ class Header(NamedTuple):
 
 
 def _storage(url: str) -> str:
-    """The storage URL without its password (PostgreSQL URLs may carry one)."""
+    """The storage URL without its password (PostgreSQL URLs may carry one); a SQLite file
+    under the current folder (the project root) as a relative path, so the page names no
+    absolute path of the machine that wrote it."""
+    if url.startswith("sqlite:///"):
+        path = Path(url[len("sqlite:///"):])
+        try:
+            return f"sqlite:///{path.resolve().relative_to(Path.cwd().resolve())}"
+        except ValueError:
+            return f"sqlite:///{path.name} (outside the project folder)"
     try:
         from sqlalchemy.engine import make_url
 
@@ -51,26 +64,31 @@ def _storage(url: str) -> str:
         return url
 
 
-def _hardware() -> str:
-    """The CPU and GPU of this machine (records do not say where they ran)."""
-    cpu = platform.processor() or platform.machine() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    text = f"{cpu}, {os.cpu_count()} logical CPUs"
-    try:
-        import torch
+def _spans(numbers: list[int]) -> str:
+    """``0-3, 5`` for [0, 1, 2, 3, 5]."""
+    out, start = [], None
+    for i, n in enumerate(numbers):
+        start = n if start is None else start
+        if i + 1 == len(numbers) or numbers[i + 1] != n + 1:
+            out.append(f"#{start}" if start == n else f"#{start}-{n}")
+            start = None
+    return ", ".join(out)
 
-        if torch.cuda.is_available():
-            names = sorted({torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())})
-            text += f"; GPU: {', '.join(names)} × {torch.cuda.device_count()}"
-        else:
-            text += "; no CUDA GPU"
-    except ImportError:
-        pass
-    return text
+
+def _per_trial(data: StudyData, describe) -> str:
+    """What ``describe(record)`` says of each trial's records, grouped: ``A (#0-5); B (#6)``."""
+    seen: dict[str, list[int]] = {}
+    for t in data.trials:
+        for text in dict.fromkeys(describe(r) for r in t.records) or ["no record"]:
+            seen.setdefault(text, []).append(t.number)
+    if len(seen) == 1:
+        return f"{next(iter(seen))} (every trial)"
+    return "; ".join(f"{text} ({_spans(numbers)})" for text, numbers in seen.items())
+
+
+def _versions(record: dict) -> str:
+    versions = ", ".join(f"{k} {v}" for k, v in (record.get("versions") or {}).items() if v)
+    return f"{versions or 'versions not recorded'}; git {record.get('git') or 'not recorded'}"
 
 
 def _get_header(data: StudyData) -> Header:
@@ -78,8 +96,6 @@ def _get_header(data: StudyData) -> Header:
     counts = {s: sum(t.state == s for t in trials) for s in ("COMPLETE", "FAIL", "RUNNING", "WAITING")}
     started = [t.started for t in trials if t.started]
     completed = [t.completed for t in trials if t.completed]
-    record = next((r for t in trials for r in t.records if r.get("status") == "completed"), None) or \
-        next((r for t in trials for r in t.records), None)
     rows = [
         ("study file", study.path or "(none: the study was built in code)"),
         ("storage", _storage(data.storage_url)),
@@ -95,19 +111,13 @@ def _get_header(data: StudyData) -> Header:
         ("objectives", "; ".join(f"{m.label} ({'max' if m.higher_is_better else 'min'}imise)"
                                  for m in study.objectives)),
         ("searched", "; ".join(f"{s.method}: " + ", ".join(
-            [f"{p.name} ∈ {list(p.choices)}" if p.choices else f"{p.name} ∈ [{p.low}, {p.high}]" for p in s.params]
+            [f"{p.name} ∈ {{{', '.join(map(str, p.choices))}}}" if p.choices
+             else f"{p.name} ∈ [{p.low}, {p.high}] (a range)" for p in s.params]
             + [f"{k} = {v}" for k, v in s.fixed.items()]) for s in study.spaces) or "nothing (baselines only)"),
     ]
-    if record:
-        versions = ", ".join(f"{k} {v}" for k, v in (record.get("versions") or {}).items() if v)
-        rows.append(("environment", f"{versions or 'not recorded'}; git {record.get('git') or 'not recorded'} "
-                                    "(from the first trial record)"))
-    else:
-        rows.append(("environment", "not recorded (no trial record found)"))
-    machine = (record or {}).get("machine") or (record or {}).get("profile", {}).get("machine")
-    rows.append(("hardware", f"{machine} (from the records)" if machine else
-                 f"{_hardware()} (this machine, which wrote the report; the records do not say where "
-                 "they ran)"))
+    rows += coverage_rows(data)
+    rows.append(("environment", _per_trial(data, _versions) + ", from the trial records"))
+    rows.append(("hardware", _per_trial(data, machine_text) + ", from the trial records"))
     sweeps = data.user_attrs.get("sweeps") or []
     if sweeps:
         wall = sum(s.get("wall_seconds") or 0.0 for s in sweeps)
@@ -148,10 +158,12 @@ def _html_table(table: Table) -> str:
 def _html_section(section: Section) -> str:
     parts = [f'<section id="{_e(section.key)}"><h2>{_e(section.title)}</h2>']
     parts += [f"<p>{_inline(p)}</p>" for p in section.paragraphs]
+    if section.html:
+        parts.append(section.html)
     for f in section.figures:
         parts.append(f'<figure><img src="figures/{_e(f.stem)}.png" alt="{_e(f.caption)}">'
-                     f'<figcaption>{_inline(f.caption)} <a href="figures/{_e(f.stem)}.svg">SVG</a></figcaption>'
-                     "</figure>")
+                     f'<figcaption>{_inline(f.caption)} <a href="figures/{_e(f.stem)}.svg">SVG</a> '
+                     f'<a href="figures/{_e(f.stem)}.pdf">PDF</a></figcaption></figure>')
     parts += [_html_table(t) for t in section.tables]
     parts.append("</section>")
     return "\n".join(parts)
@@ -200,7 +212,8 @@ def _markdown(header: Header, sections: list[Section]) -> str:
         for p in s.paragraphs:
             out += [p, ""]
         for f in s.figures:
-            out += [f"![{_md_cell(f.caption)}](figures/{f.stem}.png)", "", f"_{f.caption}_ ([SVG](figures/{f.stem}.svg))", ""]
+            out += [f"![{_md_cell(f.caption)}](figures/{f.stem}.png)", "",
+                    f"_{f.caption}_ ([SVG](figures/{f.stem}.svg), [PDF](figures/{f.stem}.pdf))", ""]
         for t in s.tables:
             out += [_md_table(t), ""]
     return "\n".join(out).rstrip() + "\n"
