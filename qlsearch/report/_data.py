@@ -180,6 +180,57 @@ def seed_values(t: TrialRow, section: str, name: str) -> list:
     return [r.get(section, {}).get(name) for r in t.records if r.get(section, {}).get(name) is not None]
 
 
+def finite(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+#: The record sections whose numeric fields are metrics.
+SECTIONS = ("metrics", "profile")
+
+
+def _spread(t: TrialRow, name: str, mean: float, seeds: list[float]) -> tuple[list[float], str] | None:
+    """``([minus, plus], what)`` for the error bar of ``name``, or None where nothing is measured."""
+    if len(seeds) > 1:
+        std = statistics.stdev(seeds)
+        return [std, std], f"std over {len(seeds)} seeds"
+    for r in t.records:
+        for section in SECTIONS:
+            fields = r.get(section) or {}
+            if finite(fields.get(f"{name}_std")):
+                return [fields[f"{name}_std"]] * 2, "recorded std"
+            spread = fields.get(f"{name}_spread")
+            if isinstance(spread, dict) and finite(spread.get("q25")) and finite(spread.get("q75")):
+                return [max(0.0, mean - spread["q25"]), max(0.0, spread["q75"] - mean)], "IQR of repeats"
+    return None
+
+
+def trial_values(data: StudyData, t: TrialRow) -> tuple[dict, dict, dict]:
+    """Means over seeds of every numeric field of ``t``'s records (``metrics`` and ``profile``),
+    the objectives as Optuna stored them, and each one's error bar ``[minus, plus]`` with what
+    it is: the std over seeds where there are several, else the record's own ``<name>_std``,
+    else the interquartile range of its ``<name>_spread`` (a timing's repeats), else none."""
+    per_seed: dict[str, list[float]] = {}
+    for r in t.records:
+        if r.get("status") != "completed":
+            continue
+        for section in SECTIONS:
+            for name, v in (r.get(section) or {}).items():
+                if finite(v) and not name.endswith("_std"):
+                    per_seed.setdefault(name, []).append(float(v))
+    values, err, kind = {}, {}, {}
+    for name, seeds in per_seed.items():
+        values[name] = statistics.fmean(seeds)
+    if t.complete:  # the objectives as Optuna stored them (means over seeds)
+        for i, m in enumerate(data.study.objectives):
+            values[m.name] = t.values[i]
+            if t.stds[i] is not None and len(per_seed.get(m.name, [])) > 1:
+                err[m.name], kind[m.name] = [t.stds[i]] * 2, f"std over {len(t.records)} seeds"
+    for name, mean in values.items():
+        if name not in err and (found := _spread(t, name, mean, per_seed.get(name, []))):
+            err[name], kind[name] = found
+    return values, err, kind
+
+
 def mean_std(values: list[float]) -> tuple[float, float] | None:
     values = [float(v) for v in values]
     if not values:

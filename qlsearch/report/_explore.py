@@ -24,28 +24,23 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import statistics
 from pathlib import Path
 
 from qlsearch.metrics import METRICS
 from qlsearch.report._data import (
     Section,
     StudyData,
-    TrialRow,
     axis_label,
+    finite,
     front_numbers,
     machine_text,
     trial_label,
+    trial_values,
 )
 from qlsearch.report._tables import STATES
 
 SYMBOLS = ["circle", "square", "diamond", "triangle-up", "triangle-down", "pentagon", "hexagon", "cross"]
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
-SECTIONS = ("metrics", "profile")
-
-
-def _finite(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _clean(value):
@@ -57,46 +52,6 @@ def _clean(value):
     if isinstance(value, list | tuple):
         return [_clean(v) for v in value]
     return value
-
-
-def _spread(t: TrialRow, name: str, mean: float, seeds: list[float]) -> tuple[list[float], str] | None:
-    """``([minus, plus], what)`` for the error bar of ``name``, or None where nothing is measured."""
-    if len(seeds) > 1:
-        std = statistics.stdev(seeds)
-        return [std, std], f"std over {len(seeds)} seeds"
-    for r in t.records:
-        for section in SECTIONS:
-            fields = r.get(section) or {}
-            if _finite(fields.get(f"{name}_std")):
-                return [fields[f"{name}_std"]] * 2, "recorded std"
-            spread = fields.get(f"{name}_spread")
-            if isinstance(spread, dict) and _finite(spread.get("q25")) and _finite(spread.get("q75")):
-                return [max(0.0, mean - spread["q25"]), max(0.0, spread["q75"] - mean)], "IQR of repeats"
-    return None
-
-
-def _trial_values(data: StudyData, t: TrialRow) -> tuple[dict, dict, dict]:
-    """Means, error bars and what the error bars are, of every numeric field of ``t``."""
-    per_seed: dict[str, list[float]] = {}
-    for r in t.records:
-        if r.get("status") != "completed":
-            continue
-        for section in SECTIONS:
-            for name, v in (r.get(section) or {}).items():
-                if _finite(v) and not name.endswith("_std"):
-                    per_seed.setdefault(name, []).append(float(v))
-    values, err, kind = {}, {}, {}
-    for name, seeds in per_seed.items():
-        values[name] = statistics.fmean(seeds)
-    if t.complete:  # the objectives as Optuna stored them (means over seeds)
-        for i, m in enumerate(data.study.objectives):
-            values[m.name] = t.values[i]
-            if t.stds[i] is not None and len(per_seed.get(m.name, [])) > 1:
-                err[m.name], kind[m.name] = [t.stds[i]] * 2, f"std over {len(t.records)} seeds"
-    for name, mean in values.items():
-        if name not in err and (found := _spread(t, name, mean, per_seed.get(name, []))):
-            err[name], kind[name] = found
-    return values, err, kind
 
 
 def _fields(data: StudyData, trials: list[dict], knobs: list[str]) -> list[dict]:
@@ -123,7 +78,7 @@ def _numeric_knobs(data: StudyData) -> list[tuple[str, float, float]]:
     seen: dict[str, set] = {}
     for t in data.trials:
         for k, v in t.knobs.items():
-            if _finite(v):
+            if finite(v):
                 seen.setdefault(k, set()).add(v)
     return [(k, min(vs), max(vs)) for k, vs in sorted(seen.items()) if len(vs) > 1]
 
@@ -134,9 +89,9 @@ def page_data(data: StudyData) -> dict:
     knob_ranges = _numeric_knobs(data)
     trials = []
     for t in data.trials:
-        values, err, kind = _trial_values(data, t)
+        values, err, kind = trial_values(data, t)
         for k, _, _ in knob_ranges:
-            if _finite(t.knobs.get(k)):
+            if finite(t.knobs.get(k)):
                 values[f"knob.{k}"] = t.knobs[k]
         trials.append({
             "number": t.number, "state": STATES.get(t.state, t.state.lower()), "method": t.method or "?",
@@ -151,7 +106,7 @@ def page_data(data: StudyData) -> dict:
     objectives = [m.name for m in data.study.objectives]
     parallel = [{"key": f"knob.{k}", "label": k, "knob": True, "log": False} for k, _, _ in knob_ranges]
     for name in objectives:
-        positive = [t["values"][name] for t in trials if _finite(t["values"].get(name)) and t["values"][name] > 0]
+        positive = [t["values"][name] for t in trials if finite(t["values"].get(name)) and t["values"][name] > 0]
         parallel.append({"key": name, "label": METRICS[name].label if name in METRICS else name, "knob": False,
                          "log": bool(positive) and max(positive) / min(positive) > 20})
     return _clean({

@@ -155,13 +155,26 @@ def _html_table(table: Table) -> str:
             f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>')
 
 
-def _html_section(section: Section) -> str:
+def _png_width(path: Path) -> int | None:
+    """The pixel width in a PNG's header (its IHDR chunk), or None when unreadable."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(24)
+    except OSError:
+        return None
+    return int.from_bytes(head[16:20], "big") if head[:8] == b"\x89PNG\r\n\x1a\n" else None
+
+
+def _html_section(section: Section, folder: Path) -> str:
     parts = [f'<section id="{_e(section.key)}"><h2>{_e(section.title)}</h2>']
     parts += [f"<p>{_inline(p)}</p>" for p in section.paragraphs]
     if section.html:
         parts.append(section.html)
     for f in section.figures:
-        parts.append(f'<figure><img src="figures/{_e(f.stem)}.png" alt="{_e(f.caption)}">'
+        # drawn at 200 dpi: shown at 100 px per inch, the size it prints at
+        width = _png_width(folder / "figures" / f"{f.stem}.png")
+        size = f' width="{width // 2}"' if width else ""
+        parts.append(f'<figure><img src="figures/{_e(f.stem)}.png"{size} alt="{_e(f.caption)}">'
                      f'<figcaption>{_inline(f.caption)} <a href="figures/{_e(f.stem)}.svg">SVG</a> '
                      f'<a href="figures/{_e(f.stem)}.pdf">PDF</a></figcaption></figure>')
     parts += [_html_table(t) for t in section.tables]
@@ -175,7 +188,7 @@ def _inline(text: str) -> str:
     return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(pieces))
 
 
-def _html(header: Header, sections: list[Section]) -> str:
+def _html(header: Header, sections: list[Section], folder: Path) -> str:
     nav = " ".join(f'<a href="#{_e(s.key)}">{_e(s.title)}</a>' for s in sections)
     rows = "".join(f"<dt>{_e(k)}</dt><dd>{_inline(v)}</dd>" for k, v in header.rows)
     description = _inline(header.description) or '<span class="muted">(no description)</span>'
@@ -186,7 +199,7 @@ def _html(header: Header, sections: list[Section]) -> str:
             f"<h1>{title}</h1>", f"<p>{description}</p>",
             f'<nav>{nav} <a href="report.md">report.md</a></nav>',
             f'<section id="header"><dl class="header">{rows}</dl></section>']
-    return "\n".join([*head, *(_html_section(s) for s in sections), "</body>", "</html>"]) + "\n"
+    return "\n".join([*head, *(_html_section(s, folder) for s in sections), "</body>", "</html>"]) + "\n"
 
 
 # ---- Markdown ----------------------------------------------------------------------------------
@@ -225,5 +238,5 @@ def write_page(data: StudyData, sections: list[Section], folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "report.md").write_text(_markdown(header, sections))
     page = folder / "index.html"
-    page.write_text(_html(header, sections))
+    page.write_text(_html(header, sections, folder))
     return page
