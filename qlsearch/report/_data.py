@@ -253,6 +253,18 @@ def fmt(value, std=None) -> str:
     return f"{text} ± {_fmt_number(std)}" if std is not None else text
 
 
+def fmt_spread(value, err: list[float] | None, kind: str | None) -> str:
+    """A mean as tables print it with the spread that was measured, never a made-up ``± 0``:
+    ``± std`` over seeds, ``± std (recorded)``, or a timing's ``(IQR low–high)``."""
+    if value is None:
+        return ""
+    if not err or not kind:
+        return fmt(value)
+    if kind.startswith("IQR"):
+        return f"{fmt(value)} (IQR {_fmt_number(value - err[0])}–{_fmt_number(value + err[1])})"
+    return fmt(value, err[0]) + (" (recorded)" if kind == "recorded std" else "")
+
+
 def _fmt_number(value) -> str:
     value = float(value)
     if math.isinf(value):
@@ -266,18 +278,23 @@ def _fmt_number(value) -> str:
 
 
 def axis_label(data: StudyData, name: str) -> str:
-    """A metric's label with its unit; latency also says the batch it was timed at, from the
-    records (``forward latency (ms, batch 64)``), since a latency without it means little."""
+    """A metric's label with its unit; latency also says the batch and threads it was timed
+    at, from the records (``forward latency (ms, batch 64, 1 thread)``): without them a
+    latency means little."""
     from qlsearch.metrics import METRICS
 
     label = METRICS[name].label if name in METRICS else name
     if name != "forward_ms":
         return label
-    batches = {r.get("profile", {}).get("batch") for t in data.trials for r in t.records
-               if r.get("profile", {}).get("batch") is not None}
-    where = f"batch {batches.pop()}" if len(batches) == 1 else "batch varies by trial" if batches else \
-        "batch not recorded"
-    return label.replace("(ms)", f"(ms, {where})")
+    profiles = [r.get("profile") or {} for t in data.trials for r in t.records]
+    batches = {p["batch"] for p in profiles if p.get("batch") is not None}
+    threads = {p["threads"] for p in profiles if p.get("threads") is not None}
+    where = [f"batch {next(iter(batches))}" if len(batches) == 1 else
+             "batch varies by trial" if batches else "batch not recorded"]
+    if len(threads) == 1:
+        n = next(iter(threads))
+        where.append(f"{n} thread{'s' if n != 1 else ''}")
+    return label.replace("(ms)", f"(ms, {', '.join(where)})")
 
 
 def machine_text(record: dict) -> str:

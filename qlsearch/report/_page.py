@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from qlsearch.report._coverage import coverage_rows
-from qlsearch.report._data import Section, StudyData, Table, fmt, machine_text
+from qlsearch.report._data import Section, StudyData, Table, axis_label, fmt, machine_text
 from qlsearch.status import OVERHEAD_PARTS, overhead_breakdown
 
 CSS = """
@@ -36,6 +36,7 @@ code { background: #f4f4f6; padding: 0 0.2rem; }
 .plot { width: 100%; min-height: 460px; } #explore-table tbody tr { cursor: pointer; }
 #explore-table tbody tr:hover td { background: #eef4fb; } th.sortable { cursor: pointer; user-select: none; }
 #record { border: 1px solid #ccc; padding: 0 1rem; margin: 1rem 0; background: #fafafa; }
+#explore-table td.knobs { min-width: 14rem; }
 #record pre { max-height: 30rem; overflow: auto; font-size: 0.78rem; } .pc-line { cursor: pointer; }
 """
 
@@ -108,7 +109,7 @@ def _get_header(data: StudyData) -> Header:
         ("task", f"{study.task.kind} {study.task.name!r} on backbone {study.task.backbone!r}; "
                  f"{study.train.epochs} epochs at lr {study.train.lr:g}, batch {study.train.batch_size}; "
                  f"seeds {', '.join(map(str, study.seeds))}"),
-        ("objectives", "; ".join(f"{m.label} ({'max' if m.higher_is_better else 'min'}imise)"
+        ("objectives", "; ".join(f"{axis_label(data, m.name)} ({'max' if m.higher_is_better else 'min'}imise)"
                                  for m in study.objectives)),
         ("searched", "; ".join(f"{s.method}: " + ", ".join(
             [f"{p.name} ∈ {{{', '.join(map(str, p.choices))}}}" if p.choices

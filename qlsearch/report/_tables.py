@@ -19,10 +19,12 @@ from qlsearch.report._data import (
     Table,
     TrialRow,
     fmt,
+    fmt_spread,
     front_numbers,
     mean_std,
     seed_values,
     trial_label,
+    trial_values,
     write_csv,
 )
 from qlsearch.status import OVERHEAD_PARTS
@@ -56,7 +58,8 @@ def _trial_tables(data: StudyData, folder: Path) -> tuple[Table, Table]:
                          *[x for v, s in zip(values, t.stds, strict=True) for x in (v, s if t.values else None)],
                          t.number in front, len(t.records), t.trial_seconds, _when(t.started), _when(t.completed),
                          t.failure])
-        cells = [fmt(v, s) if v is not None else "" for v, s in zip(values, t.stds, strict=True)]
+        _, err, kind = trial_values(data, t)
+        cells = [fmt_spread(v, err.get(n), kind.get(n)) for v, n in zip(values, names, strict=True)]
         state = STATES.get(t.state, t.state.lower())
         shown.append([str(t.number), state.upper() if t.state == "FAIL" else state, t.method or "",
                       t.baseline or "", _knobs(t), *cells, "yes" if t.number in front else "",
@@ -65,7 +68,8 @@ def _trial_tables(data: StudyData, folder: Path) -> tuple[Table, Table]:
             front_rows.append((t, [str(t.number), trial_label(data, t), _knobs(t), *cells]))
     write_csv(folder, "trials", csv_columns, csv_rows)
     labels = [m.label for m in objectives]
-    trials = Table("trials", "Every trial (mean ± std over seeds)",
+    trials = Table("trials", "Every trial (mean ± std over seeds where there are several; a latency's "
+                   "interquartile range over its timing repeats)",
                    ["#", "state", "method", "baseline", "knobs", *labels, "front", "seconds", "failure"], shown)
     sign = 1.0 if data.study.directions[0] == "minimize" else -1.0
     front_rows.sort(key=lambda pair: (sign * pair[0].values[0], pair[0].number))
@@ -215,9 +219,10 @@ def _baseline_table(data: StudyData, folder: Path) -> tuple[Table, str | None]:
     for label, t, method in rows:
         state = STATES.get(t.state, t.state.lower()) if t else "not run"
         objective_cells, objective_csv = [], []
+        _, err, kind = trial_values(data, t) if t else (None, {}, {})
         for i, m in enumerate(objectives):
             stats = (t.values[i], _std(t, i, m)) if t and t.complete else None
-            objective_cells.append(fmt(*stats) if stats else "")
+            objective_cells.append(fmt_spread(stats[0], err.get(m.name), kind.get(m.name)) if stats else "")
             objective_csv += list(stats) if stats else [None, None]
         extra_cells, extra_csv = [], []
         for name in extra:

@@ -27,13 +27,14 @@
     if (Number.isInteger(v) && Math.abs(v) >= 1000) return v.toLocaleString("en-US");
     return Number(v.toPrecision(4)).toString();
   }
-  function withSpread(t, key) {
+  // "12.3 ± 0.4" or "12.3 −1.2/+3.4"; with what the spread is unless short (the table's cell title says it)
+  function withSpread(t, key, short) {
     const v = value(t, key);
     if (v === null) return "";
     const e = t.err[key];
     if (!e) return fmt(v);
-    const what = t.err_kind[key];
-    return e[0] === e[1] ? `${fmt(v)} ± ${fmt(e[0])} (${what})` : `${fmt(v)} −${fmt(e[0])}/+${fmt(e[1])} (${what})`;
+    const text = e[0] === e[1] ? `${fmt(v)} ± ${fmt(e[0])}` : `${fmt(v)} −${fmt(e[0])}/+${fmt(e[1])}`;
+    return short ? text : `${text} (${t.err_kind[key]})`;
   }
   function knobText(t) {
     return Object.entries(t.knobs).map(([k, v]) => `${k}=${v}`).join(", ");
@@ -134,7 +135,9 @@
         customdata: ts.map((t) => t.number),
         hovertext: ts.map(hover), hoverinfo: "text",
         error_x: err(state.x), error_y: err(state.y),
+        // colour by method (as in the parallel coordinates), baselines as stars
         marker: { symbol: ts.map((t) => (t.baseline ? "star" : data.symbols[i % data.symbols.length])),
+                  color: data.colours[data.methods.indexOf(ts[0].method) % data.colours.length],
                   size: 12, opacity: 0.75,
                   line: { width: ts.map((t) => (t.on_front ? 2 : 0)), color: "black" } },
       };
@@ -231,9 +234,10 @@
       { key: "state", label: "state", get: (t) => t.state },
       { key: "method", label: "method", get: (t) => t.method },
       { key: "baseline", label: "baseline", get: (t) => t.baseline || "" },
-      { key: "knobs", label: "knobs", get: knobText },
+      { key: "knobs", label: "knobs", get: knobText, cls: "knobs" },
       ...data.fields.filter((f) => !f.knob).map((f) => ({ key: f.key, label: f.label, get: (t) => value(t, f.key),
-                                                         show: (t) => withSpread(t, f.key) })),
+                                                         show: (t) => withSpread(t, f.key, true),
+                                                         title: (t) => t.err_kind[f.key] || "" })),
       { key: "on_front", label: "front", get: (t) => (t.on_front ? "yes" : "") },
       { key: "seeds", label: "seeds", get: (t) => t.seeds },
       { key: "trial_seconds", label: "seconds", get: (t) => t.trial_seconds },
@@ -278,7 +282,9 @@
       if (t.state === "failed") row.className = "failed";
       for (const c of columns) {
         const td = document.createElement("td");
+        if (c.cls) td.className = c.cls;
         td.textContent = c.show ? c.show(t) : fmt(c.get(t));
+        if (c.title && c.title(t)) td.title = c.title(t);
         row.appendChild(td);
       }
       row.addEventListener("click", () => openTrial(t.number));
