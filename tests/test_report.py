@@ -137,6 +137,29 @@ def test_front_figure_points_are_optunas_best_trials(swept):
     assert hv.random is None  # no small-random study in the storage
 
 
+def test_hypervolume_has_the_random_search_reference_when_stored(swept, tmp_path):
+    """``<study>-random`` in the same storage is drawn on the same normalisation: its curve is
+    the hypervolume of its own searched trials, step by step, its baselines left out."""
+    import shutil
+
+    study, tmp, _ = swept
+    data = load_study_data(study, tmp / "runs")
+    shutil.copyfile(tmp / "runs" / "small" / "study.db", tmp_path / "study.db")
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    random = optuna.create_study(study_name="small-random", storage=url, directions=study.directions)
+    steps = [(0.5, 1.0, 100.0), (0.2, 2.0, 50.0), (0.9, 0.5, 10.0)]
+    for values in steps:
+        random.add_trial(optuna.trial.create_trial(values=list(values)))
+    random.add_trial(optuna.trial.create_trial(values=[0.0, 0.0, 0.0], user_attrs={"baseline": "lora"}))
+    hv = _get_hypervolume_info(data._replace(storage_url=url))
+    assert hv.random_name == "small-random" and len(hv.random) == len(steps)
+    lower, upper = np.array(hv.lower), np.array(hv.upper)  # all three objectives are minimised
+    normalised = (np.array(steps) - lower) / np.where(upper > lower, upper - lower, 1.0)
+    for i, got in enumerate(hv.random):  # points beyond the reference add nothing
+        inside = normalised[: i + 1][np.all(normalised[: i + 1] < 1.1, axis=1)]
+        assert got == pytest.approx(_slice_volume(inside, np.full(3, 1.1)) if len(inside) else 0.0)
+
+
 def test_failed_trials_appear_as_failed(swept):
     study, tmp, page = swept
     with open(page.parent / "tables" / "trials.csv") as fh:
@@ -374,8 +397,37 @@ def _drive(page_path: Path, trials: dict[int, dict], shots: Path, name: str) -> 
             page.check(f'#filter-methods input[data-method="{method}"]')
             assert set(_points(page)) == complete
 
-            # click a point through to its record: the trial's own seed records, shown and linked
+            # filter by a knob's range: up to its smallest value keeps the trials with that value or none
+            knob = page.eval_on_selector("#filter-knobs input[id$='-max']", "e => e.id")[len("knob-"):-len("-max")]
+            values = {n: json.loads(row["knobs"]).get(knob) for n, row in trials.items()}
+            low = min(v for v in values.values() if isinstance(v, int | float))
+            page.fill(f"#knob-{knob}-max", str(low))
+            within = {n for n, v in values.items() if not isinstance(v, int | float) or v <= low}
+            assert set(_points(page)) == within & complete != complete
+
+            # the CSV of what is shown: those trials, full precision
+            with page.expect_download() as download:
+                page.click("#download-csv")
+            with open(download.value.path()) as fh:
+                rows = list(csv.DictReader(fh))
+            assert {int(r["number"]) for r in rows} == within
+            first = next(iter(trials.values()))
+            objective = next(k for k in first if k in ("best_test_mse", "test_accuracy"))
+            for r in rows:
+                if r[objective]:
+                    assert float(r[objective]) == float(trials[int(r["number"])][objective])
+            page.fill(f"#knob-{knob}-max", "")
+            assert set(_points(page)) == complete
+
+            # hover: the configuration and the objectives with their spread
             number = sorted(_lonely(_points(page)))[0]
+            centre = _points(page)[number]
+            page.mouse.move(centre["x"] - 6, centre["y"] - 6)
+            page.mouse.move(centre["x"], centre["y"])
+            page.wait_for_selector("#explore-front .hovertext", timeout=10_000)
+            assert f"trial #{number}" in page.text_content("#explore-front .hovertext")
+
+            # click a point through to its record: the trial's own seed records, shown and linked
             _click_point(page, number)
             shown = json.loads(page.text_content("#record-json"))
             record_file = page_path.parent / page.get_attribute("#record-link", "href")

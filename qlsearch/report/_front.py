@@ -352,8 +352,9 @@ def _plot_third(info: FrontInfo, folder: Path, stem: str) -> None:
     ax.set_xlabel(f"{info.labels[1]} ({_better(x_metric)})")
     ax.set_ylabel(f"{info.labels[2]}\n({_better(y_metric)})")
     ax.grid(True, alpha=0.3)
-    fig.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, location="top",
-                 label=f"{info.labels[0]} (yellow = better)", shrink=0.9)
+    bar = fig.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, location="top",
+                       label=f"{info.labels[0]} (yellow = better)", shrink=0.9)
+    bar.ax.xaxis.set_major_locator(MaxNLocator(4))  # tick labels that do not run into each other
     handles = [h for h in _legend_handles(info, size, shown, style) if h.get_linestyle() != "--"]
     for h in handles[: len(info.groups) + len(info.baselines)]:  # colour is the first objective here
         h.set_markerfacecolor("grey")
