@@ -179,7 +179,7 @@ def explore_section(data: StudyData, folder: Path) -> Section:
     html = (HTML + f'<script type="application/json" id="qlsearch-data">{blob}</script>\n'
             '<script src="assets/plotly.min.js"></script>\n<script src="assets/explore.js"></script>')
     paragraphs = [
-        "Choose the axes among every recorded numeric metric, filter by method, knob range or text, "
+        "In `index.html`: choose the axes among every recorded numeric metric, filter by method, knob range or text, "
         "hover a point for its configuration, seed mean ± spread and cost, and click a point, line or row "
         "for that trial's record. Error bars are the std over seeds where there are several seeds, else "
         "the spread the record keeps (a timing's interquartile range), else none. Everything here works "

@@ -18,6 +18,7 @@ from qlsearch.report._data import (
     StudyData,
     Table,
     TrialRow,
+    axis_label,
     fmt,
     fmt_spread,
     front_numbers,
@@ -67,7 +68,7 @@ def _trial_tables(data: StudyData, folder: Path) -> tuple[Table, Table]:
         if t.number in front:
             front_rows.append((t, [str(t.number), trial_label(data, t), _knobs(t), *cells]))
     write_csv(folder, "trials", csv_columns, csv_rows)
-    labels = [m.label for m in objectives]
+    labels = [axis_label(data, m.name) for m in objectives]
     trials = Table("trials", "Every trial (mean ± std over seeds where there are several; a latency's "
                    "interquartile range over its timing repeats)",
                    ["#", "state", "method", "baseline", "knobs", *labels, "front", "seconds", "failure"], shown)
@@ -205,7 +206,7 @@ def _baseline_table(data: StudyData, folder: Path) -> tuple[Table, str | None]:
     paper_columns = paper.columns if paper else []
     rows = _compared(data)
     lora = next((t for _, t, method in rows if method == "lora" and t is not None and t.complete), None)
-    columns = ["row", "method", "knobs", "state", "seeds", *[m.label for m in objectives],
+    columns = ["row", "method", "knobs", "state", "seeds", *[axis_label(data, m.name) for m in objectives],
                *(get_metric(m).label for m in extra),
                *(x for c in paper_columns for x in (c.title, f"ours ÷ LoRA ({get_metric(c.metric).label})",
                                                      "paper ÷ LoRA", "agree")), "failure"]
@@ -226,8 +227,9 @@ def _baseline_table(data: StudyData, folder: Path) -> tuple[Table, str | None]:
             objective_csv += list(stats) if stats else [None, None]
         extra_cells, extra_csv = [], []
         for name in extra:
-            stats = mean_std(seed_values(t, "metrics", name)) if t and t.complete else None
-            extra_cells.append(fmt(*stats) if stats else "")
+            found = seed_values(t, "metrics", name) if t and t.complete else []
+            stats = mean_std(found)
+            extra_cells.append(fmt(stats[0], stats[1] if len(found) > 1 else None) if stats else "")
             extra_csv += list(stats) if stats else [None, None]
         paper_cells, paper_csv = [], []
         for col in paper_columns:
