@@ -205,6 +205,12 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _machine(device: str) -> dict:
+    from qlsearch.profiling._machine import machine_info
+
+    return machine_info(_device(device).type)
+
+
 def run_trial(config: TrialConfig, progress=None) -> dict:
     """Run one trial and return its record; failures are recorded, never raised."""
     started = time.time()
@@ -218,6 +224,7 @@ def run_trial(config: TrialConfig, progress=None) -> dict:
         "profile": {},
         "versions": versions(),
         "git": git_revision(),
+        "machine": _machine(config.device),  # where it ran: the report shows it per trial
         "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
     }
     try:

@@ -180,6 +180,57 @@ def seed_values(t: TrialRow, section: str, name: str) -> list:
     return [r.get(section, {}).get(name) for r in t.records if r.get(section, {}).get(name) is not None]
 
 
+def finite(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+#: The record sections whose numeric fields are metrics.
+SECTIONS = ("metrics", "profile")
+
+
+def _spread(t: TrialRow, name: str, mean: float, seeds: list[float]) -> tuple[list[float], str] | None:
+    """``([minus, plus], what)`` for the error bar of ``name``, or None where nothing is measured."""
+    if len(seeds) > 1:
+        std = statistics.stdev(seeds)
+        return [std, std], f"std over {len(seeds)} seeds"
+    for r in t.records:
+        for section in SECTIONS:
+            fields = r.get(section) or {}
+            if finite(fields.get(f"{name}_std")):
+                return [fields[f"{name}_std"]] * 2, "recorded std"
+            spread = fields.get(f"{name}_spread")
+            if isinstance(spread, dict) and finite(spread.get("q25")) and finite(spread.get("q75")):
+                return [max(0.0, mean - spread["q25"]), max(0.0, spread["q75"] - mean)], "IQR of repeats"
+    return None
+
+
+def trial_values(data: StudyData, t: TrialRow) -> tuple[dict, dict, dict]:
+    """Means over seeds of every numeric field of ``t``'s records (``metrics`` and ``profile``),
+    the objectives as Optuna stored them, and each one's error bar ``[minus, plus]`` with what
+    it is: the std over seeds where there are several, else the record's own ``<name>_std``,
+    else the interquartile range of its ``<name>_spread`` (a timing's repeats), else none."""
+    per_seed: dict[str, list[float]] = {}
+    for r in t.records:
+        if r.get("status") != "completed":
+            continue
+        for section in SECTIONS:
+            for name, v in (r.get(section) or {}).items():
+                if finite(v) and not name.endswith("_std"):
+                    per_seed.setdefault(name, []).append(float(v))
+    values, err, kind = {}, {}, {}
+    for name, seeds in per_seed.items():
+        values[name] = statistics.fmean(seeds)
+    if t.complete:  # the objectives as Optuna stored them (means over seeds)
+        for i, m in enumerate(data.study.objectives):
+            values[m.name] = t.values[i]
+            if t.stds[i] is not None and len(per_seed.get(m.name, [])) > 1:
+                err[m.name], kind[m.name] = [t.stds[i]] * 2, f"std over {len(t.records)} seeds"
+    for name, mean in values.items():
+        if name not in err and (found := _spread(t, name, mean, per_seed.get(name, []))):
+            err[name], kind[name] = found
+    return values, err, kind
+
+
 def mean_std(values: list[float]) -> tuple[float, float] | None:
     values = [float(v) for v in values]
     if not values:
@@ -202,6 +253,18 @@ def fmt(value, std=None) -> str:
     return f"{text} ± {_fmt_number(std)}" if std is not None else text
 
 
+def fmt_spread(value, err: list[float] | None, kind: str | None) -> str:
+    """A mean as tables print it with the spread that was measured, never a made-up ``± 0``:
+    ``± std`` over seeds, ``± std (recorded)``, or a timing's ``(IQR low–high)``."""
+    if value is None:
+        return ""
+    if not err or not kind:
+        return fmt(value)
+    if kind.startswith("IQR"):
+        return f"{fmt(value)} (IQR {_fmt_number(value - err[0])}–{_fmt_number(value + err[1])})"
+    return fmt(value, err[0]) + (" (recorded)" if kind == "recorded std" else "")
+
+
 def _fmt_number(value) -> str:
     value = float(value)
     if math.isinf(value):
@@ -211,18 +274,55 @@ def _fmt_number(value) -> str:
     return f"{value:.4g}"
 
 
+# ---- what an axis and a machine are called ----------------------------------------------------
+
+
+def axis_label(data: StudyData, name: str) -> str:
+    """A metric's label with its unit; latency also says the batch and threads it was timed
+    at, from the records (``forward latency (ms, batch 64, 1 thread)``): without them a
+    latency means little."""
+    from qlsearch.metrics import METRICS
+
+    label = METRICS[name].label if name in METRICS else name
+    if name != "forward_ms":
+        return label
+    profiles = [r.get("profile") or {} for t in data.trials for r in t.records]
+    batches = {p["batch"] for p in profiles if p.get("batch") is not None}
+    threads = {p["threads"] for p in profiles if p.get("threads") is not None}
+    where = [f"batch {next(iter(batches))}" if len(batches) == 1 else
+             "batch varies by trial" if batches else "batch not recorded"]
+    if len(threads) == 1:
+        n = next(iter(threads))
+        where.append(f"{n} thread{'s' if n != 1 else ''}")
+    return label.replace("(ms)", f"(ms, {', '.join(where)})")
+
+
+def machine_text(record: dict) -> str:
+    """Where a trial record says it ran: CPU or GPU, threads (``machine`` of the record)."""
+    m = record.get("machine")
+    if not m:
+        return "not recorded"
+    if m.get("gpu"):
+        return f"{m['gpu'].get('name')} (CUDA {m['gpu'].get('cuda')})"
+    threads = m.get("torch_threads")
+    return f"{m.get('cpu')}, {threads} thread{'s' if threads != 1 else ''}"
+
+
 # ---- saving figures ------------------------------------------------------------------
 
 
 def save_figure(fig, folder: Path, stem: str) -> None:
-    """``<stem>.png`` and ``<stem>.svg``, byte-identical for the same figure: no dates or
-    versions in the metadata, fixed SVG ids."""
+    """``<stem>.png``, ``.svg`` and ``.pdf``, byte-identical for the same figure: no dates or
+    versions in the metadata, fixed SVG ids. PNG at 200 dpi: sharp when printed at the
+    one-column width (3.5 in) the paper figures are drawn at."""
     import matplotlib
 
     folder.mkdir(parents=True, exist_ok=True)
     with matplotlib.rc_context({"svg.hashsalt": "qlsearch"}):
-        fig.savefig(folder / f"{stem}.png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+        fig.savefig(folder / f"{stem}.png", dpi=200, bbox_inches="tight", metadata={"Software": None})
         fig.savefig(folder / f"{stem}.svg", bbox_inches="tight", metadata={"Date": None, "Creator": None})
+        fig.savefig(folder / f"{stem}.pdf", bbox_inches="tight",
+                    metadata={"CreationDate": None, "Creator": None, "Producer": None})
 
 
 def new_figure(nrows: int = 1, ncols: int = 1, **kwargs):
@@ -238,7 +338,7 @@ def new_figure(nrows: int = 1, ncols: int = 1, **kwargs):
 
 
 class FigureRef(NamedTuple):
-    """``figures/<stem>.png`` (shown) and ``.svg`` (linked)."""
+    """``figures/<stem>.png`` (shown), ``.svg`` and ``.pdf`` (linked)."""
 
     stem: str
     caption: str
@@ -259,6 +359,7 @@ class Section(NamedTuple):
     paragraphs: list[str]
     figures: list[FigureRef] = []
     tables: list[Table] = []
+    html: str = ""  # interactive markup, after the paragraphs (the Markdown has none)
 
 
 def write_csv(folder: Path, stem: str, columns: list[str], rows: list[list]) -> None:

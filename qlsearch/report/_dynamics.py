@@ -69,17 +69,17 @@ def _get_dynamics_info(data: StudyData) -> DynamicsInfo:
 
 
 def _finish(fig, ax, xlabel: str, ylabel: str, folder: Path, stem: str) -> None:
-    """Integer x ticks, labels, a light grid, the legend outside on the right; then save."""
+    """Integer x ticks, labels, a light grid, the legend below (one column wide); then save."""
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
-    fig.legend(loc="outside right upper", fontsize=8, frameon=False)
+    fig.legend(loc="outside lower center", ncols=2, frameon=False)
     save_figure(fig, folder, stem)
 
 
 def _plot_layer_norms(info: DynamicsInfo, folder: Path, stem: str) -> None:
-    fig, axes = new_figure(1, 1, figsize=(8.5, 4.0))
+    fig, axes = new_figure(1, 1, figsize=(3.5, 3.6))
     ax = axes[0][0]
     for line in info.layer_norms:
         layers = range(1, len(line.mean) + 1)
@@ -95,7 +95,7 @@ def _plot_layer_norms(info: DynamicsInfo, folder: Path, stem: str) -> None:
 
 
 def _plot_concentration(info: DynamicsInfo, folder: Path, stem: str) -> None:
-    fig, axes = new_figure(1, 1, figsize=(8.5, 3.8))
+    fig, axes = new_figure(1, 1, figsize=(3.5, 3.4))
     ax = axes[0][0]
     for line in info.concentration:
         ax.plot(line.epochs, line.mean, marker="o", markersize=3, linewidth=1.3, label=line.label)

@@ -28,7 +28,10 @@ from qlsearch.report._data import (
     write_csv,
 )
 
-MIN_TRIALS = 6
+#: Fewer completed searched trials and no importance is computed: with a handful of trials
+#: each knob value is seen once or twice, and PED-ANOVA credits knobs for effects they cannot
+#: have (8 trials gave ``top_k`` importance for the parameter count, which does not depend on it).
+MIN_TRIALS = 15
 FRONT = "Pareto front"
 
 
@@ -72,7 +75,7 @@ def _get_importance_info(data: StudyData) -> ImportanceInfo:
     if len(trials) < MIN_TRIALS:
         return ImportanceInfo(method, knobs, len(trials), {},
                               f"too few trials: {len(trials)} completed searched {method} trial(s), "
-                              f"importances need at least {MIN_TRIALS}")
+                              f"importances need at least {MIN_TRIALS}, or they credit knobs with effects that are chance")
     if not knobs:
         return ImportanceInfo(method, knobs, len(trials), {}, "no knob takes more than one value")
     directions = data.study.directions
@@ -96,19 +99,19 @@ def _plot(info: ImportanceInfo, labels: dict[str, str], folder: Path, stem: str)
     import numpy as np
 
     targets = list(info.importances)
-    fig, axes = new_figure(1, 1, figsize=(7.5, 0.5 + 0.45 * len(targets) * max(1, len(info.knobs)) ** 0.5 + 1.2))
+    fig, axes = new_figure(1, 1, figsize=(3.5, 0.5 + 0.45 * len(targets) * max(1, len(info.knobs)) ** 0.5 + 1.6))
     ax = axes[0][0]
     height = 0.8 / len(info.knobs)
     y = np.arange(len(targets))
     for i, knob in enumerate(info.knobs):
         ax.barh(y + (i - (len(info.knobs) - 1) / 2) * height, [info.importances[t][knob] for t in targets],
                 height=height, label=knob)
-    ax.set_yticks(y, [labels.get(t, t) for t in targets], fontsize=8)
+    ax.set_yticks(y, [labels.get(t, t) for t in targets])
     ax.invert_yaxis()
     ax.set_xlabel("importance (PED-ANOVA, normalised per target)")
     ax.set_xlim(0, 1)
     ax.grid(True, axis="x", alpha=0.3)
-    fig.legend(loc="outside right upper", fontsize=8, frameon=False, title="knob")
+    fig.legend(loc="outside lower center", ncols=3, frameon=False, title="knob")
     save_figure(fig, folder, stem)
 
 

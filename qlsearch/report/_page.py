@@ -9,13 +9,12 @@ written: the only time shown is the study's own (its last trial's completion).
 from __future__ import annotations
 
 import html
-import os
-import platform
 from pathlib import Path
 from typing import NamedTuple
 
-from qlsearch.report._data import Section, StudyData, Table, fmt
-from qlsearch.status import OVERHEAD_PARTS, format_budget, method_budget, overhead_breakdown
+from qlsearch.report._coverage import coverage_rows
+from qlsearch.report._data import Section, StudyData, Table, axis_label, fmt, machine_text
+from qlsearch.status import OVERHEAD_PARTS, overhead_breakdown
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto; max-width: 1200px;
@@ -32,6 +31,13 @@ th, td { border: 1px solid #ddd; padding: 0.25rem 0.5rem; text-align: left; vert
 th { background: #f4f4f6; position: sticky; top: 0; }
 tr.failed td { background: #fdecea; } td.failure { max-width: 28rem; overflow-wrap: anywhere; }
 code { background: #f4f4f6; padding: 0 0.2rem; }
+.controls { display: flex; flex-wrap: wrap; gap: 0.4rem 1.2rem; align-items: center; margin: 0.6rem 0;
+            font-size: 0.9rem; } .controls .range { margin-right: 0.8rem; } .controls input[type=number] { width: 5rem; }
+.plot { width: 100%; min-height: 460px; } #explore-table tbody tr { cursor: pointer; }
+#explore-table tbody tr:hover td { background: #eef4fb; } th.sortable { cursor: pointer; user-select: none; }
+#record { border: 1px solid #ccc; padding: 0 1rem; margin: 1rem 0; background: #fafafa; }
+#explore-table td.knobs { min-width: 14rem; }
+#record pre { max-height: 30rem; overflow: auto; font-size: 0.78rem; } .pc-line { cursor: pointer; }
 """
 
 
@@ -42,7 +48,15 @@ class Header(NamedTuple):
 
 
 def _storage(url: str) -> str:
-    """The storage URL without its password (PostgreSQL URLs may carry one)."""
+    """The storage URL without its password (PostgreSQL URLs may carry one); a SQLite file
+    under the current folder (the project root) as a relative path, so the page names no
+    absolute path of the machine that wrote it."""
+    if url.startswith("sqlite:///"):
+        path = Path(url[len("sqlite:///"):])
+        try:
+            return f"sqlite:///{path.resolve().relative_to(Path.cwd().resolve())}"
+        except ValueError:
+            return f"sqlite:///{path.name} (outside the project folder)"
     try:
         from sqlalchemy.engine import make_url
 
@@ -51,26 +65,31 @@ def _storage(url: str) -> str:
         return url
 
 
-def _hardware() -> str:
-    """The CPU and GPU of this machine (records do not say where they ran)."""
-    cpu = platform.processor() or platform.machine() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    text = f"{cpu}, {os.cpu_count()} logical CPUs"
-    try:
-        import torch
+def _spans(numbers: list[int]) -> str:
+    """``0-3, 5`` for [0, 1, 2, 3, 5]."""
+    out, start = [], None
+    for i, n in enumerate(numbers):
+        start = n if start is None else start
+        if i + 1 == len(numbers) or numbers[i + 1] != n + 1:
+            out.append(f"#{start}" if start == n else f"#{start}-{n}")
+            start = None
+    return ", ".join(out)
 
-        if torch.cuda.is_available():
-            names = sorted({torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())})
-            text += f"; GPU: {', '.join(names)} × {torch.cuda.device_count()}"
-        else:
-            text += "; no CUDA GPU"
-    except ImportError:
-        pass
-    return text
+
+def _per_trial(data: StudyData, describe) -> str:
+    """What ``describe(record)`` says of each trial's records, grouped: ``A (#0-5); B (#6)``."""
+    seen: dict[str, list[int]] = {}
+    for t in data.trials:
+        for text in dict.fromkeys(describe(r) for r in t.records) or ["no record"]:
+            seen.setdefault(text, []).append(t.number)
+    if len(seen) == 1:
+        return f"{next(iter(seen))} (every trial)"
+    return "; ".join(f"{text} ({_spans(numbers)})" for text, numbers in seen.items())
+
+
+def _versions(record: dict) -> str:
+    versions = ", ".join(f"{k} {v}" for k, v in (record.get("versions") or {}).items() if v)
+    return f"{versions or 'versions not recorded'}; git {record.get('git') or 'not recorded'}"
 
 
 def _get_header(data: StudyData) -> Header:
@@ -78,8 +97,6 @@ def _get_header(data: StudyData) -> Header:
     counts = {s: sum(t.state == s for t in trials) for s in ("COMPLETE", "FAIL", "RUNNING", "WAITING")}
     started = [t.started for t in trials if t.started]
     completed = [t.completed for t in trials if t.completed]
-    record = next((r for t in trials for r in t.records if r.get("status") == "completed"), None) or \
-        next((r for t in trials for r in t.records), None)
     rows = [
         ("study file", study.path or "(none: the study was built in code)"),
         ("storage", _storage(data.storage_url)),
@@ -92,27 +109,19 @@ def _get_header(data: StudyData) -> Header:
         ("task", f"{study.task.kind} {study.task.name!r} on backbone {study.task.backbone!r}; "
                  f"{study.train.epochs} epochs at lr {study.train.lr:g}, batch {study.train.batch_size}; "
                  f"seeds {', '.join(map(str, study.seeds))}"),
-        ("objectives", "; ".join(f"{m.label} ({'max' if m.higher_is_better else 'min'}imise)"
+        ("objectives", "; ".join(f"{axis_label(data, m.name)} ({'max' if m.higher_is_better else 'min'}imise)"
                                  for m in study.objectives)),
         ("selection", "ON THE TEST SET (allow_test_selection = true): test numbers here are not held-out "
                       "estimates" if study.allow_test_selection else "epochs and settings chosen on "
                       "validation; test metrics read at the selected epoch, never searched on"),
-        ("budget", format_budget(method_budget([{"baseline": t.baseline, "method": t.method, "state": t.state,
-                                                 "failure": t.failure, "seeds": t.records} for t in trials]))),
         ("searched", "; ".join(f"{s.method}: " + ", ".join(
-            [f"{p.name} ∈ {list(p.choices)}" if p.choices else f"{p.name} ∈ [{p.low}, {p.high}]" for p in s.params]
+            [f"{p.name} ∈ {{{', '.join(map(str, p.choices))}}}" if p.choices
+             else f"{p.name} ∈ [{p.low}, {p.high}] (a range)" for p in s.params]
             + [f"{k} = {v}" for k, v in s.fixed.items()]) for s in study.spaces) or "nothing (baselines only)"),
     ]
-    if record:
-        versions = ", ".join(f"{k} {v}" for k, v in (record.get("versions") or {}).items() if v)
-        rows.append(("environment", f"{versions or 'not recorded'}; git {record.get('git') or 'not recorded'} "
-                                    "(from the first trial record)"))
-    else:
-        rows.append(("environment", "not recorded (no trial record found)"))
-    machine = (record or {}).get("machine") or (record or {}).get("profile", {}).get("machine")
-    rows.append(("hardware", f"{machine} (from the records)" if machine else
-                 f"{_hardware()} (this machine, which wrote the report; the records do not say where "
-                 "they ran)"))
+    rows += coverage_rows(data)
+    rows.append(("environment", _per_trial(data, _versions) + ", from the trial records"))
+    rows.append(("hardware", _per_trial(data, machine_text) + ", from the trial records"))
     sweeps = data.user_attrs.get("sweeps") or []
     if sweeps:
         wall = sum(s.get("wall_seconds") or 0.0 for s in sweeps)
@@ -150,13 +159,28 @@ def _html_table(table: Table) -> str:
             f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>')
 
 
-def _html_section(section: Section) -> str:
+def _png_width(path: Path) -> int | None:
+    """The pixel width in a PNG's header (its IHDR chunk), or None when unreadable."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(24)
+    except OSError:
+        return None
+    return int.from_bytes(head[16:20], "big") if head[:8] == b"\x89PNG\r\n\x1a\n" else None
+
+
+def _html_section(section: Section, folder: Path) -> str:
     parts = [f'<section id="{_e(section.key)}"><h2>{_e(section.title)}</h2>']
     parts += [f"<p>{_inline(p)}</p>" for p in section.paragraphs]
+    if section.html:
+        parts.append(section.html)
     for f in section.figures:
-        parts.append(f'<figure><img src="figures/{_e(f.stem)}.png" alt="{_e(f.caption)}">'
-                     f'<figcaption>{_inline(f.caption)} <a href="figures/{_e(f.stem)}.svg">SVG</a></figcaption>'
-                     "</figure>")
+        # drawn at 200 dpi: shown at 100 px per inch, the size it prints at
+        width = _png_width(folder / "figures" / f"{f.stem}.png")
+        size = f' width="{width // 2}"' if width else ""
+        parts.append(f'<figure><img src="figures/{_e(f.stem)}.png"{size} alt="{_e(f.caption)}">'
+                     f'<figcaption>{_inline(f.caption)} <a href="figures/{_e(f.stem)}.svg">SVG</a> '
+                     f'<a href="figures/{_e(f.stem)}.pdf">PDF</a></figcaption></figure>')
     parts += [_html_table(t) for t in section.tables]
     parts.append("</section>")
     return "\n".join(parts)
@@ -168,7 +192,7 @@ def _inline(text: str) -> str:
     return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(pieces))
 
 
-def _html(header: Header, sections: list[Section]) -> str:
+def _html(header: Header, sections: list[Section], folder: Path) -> str:
     nav = " ".join(f'<a href="#{_e(s.key)}">{_e(s.title)}</a>' for s in sections)
     rows = "".join(f"<dt>{_e(k)}</dt><dd>{_inline(v)}</dd>" for k, v in header.rows)
     description = _inline(header.description) or '<span class="muted">(no description)</span>'
@@ -179,7 +203,7 @@ def _html(header: Header, sections: list[Section]) -> str:
             f"<h1>{title}</h1>", f"<p>{description}</p>",
             f'<nav>{nav} <a href="report.md">report.md</a></nav>',
             f'<section id="header"><dl class="header">{rows}</dl></section>']
-    return "\n".join([*head, *(_html_section(s) for s in sections), "</body>", "</html>"]) + "\n"
+    return "\n".join([*head, *(_html_section(s, folder) for s in sections), "</body>", "</html>"]) + "\n"
 
 
 # ---- Markdown ----------------------------------------------------------------------------------
@@ -205,7 +229,8 @@ def _markdown(header: Header, sections: list[Section]) -> str:
         for p in s.paragraphs:
             out += [p, ""]
         for f in s.figures:
-            out += [f"![{_md_cell(f.caption)}](figures/{f.stem}.png)", "", f"_{f.caption}_ ([SVG](figures/{f.stem}.svg))", ""]
+            out += [f"![{_md_cell(f.caption)}](figures/{f.stem}.png)", "",
+                    f"_{f.caption}_ ([SVG](figures/{f.stem}.svg), [PDF](figures/{f.stem}.pdf))", ""]
         for t in s.tables:
             out += [_md_table(t), ""]
     return "\n".join(out).rstrip() + "\n"
@@ -217,5 +242,5 @@ def write_page(data: StudyData, sections: list[Section], folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "report.md").write_text(_markdown(header, sections))
     page = folder / "index.html"
-    page.write_text(_html(header, sections))
+    page.write_text(_html(header, sections, folder))
     return page

@@ -83,25 +83,31 @@ def _get_routing_info(data: StudyData) -> RoutingInfo:
     return RoutingInfo(found)
 
 
-def _plot_heatmaps(info: RoutingInfo, folder: Path, stem: str) -> None:
-    n = len(info.trials)
-    widest = max(len(t.usage[0]) for t in info.trials)
-    fig, axes = new_figure(1, n, figsize=(max(3.2, 0.55 * widest + 1.6) * n + 1.0, 3.4))
+#: Atoms per heatmap row: wider maps are split into rows so cell labels stay readable.
+ATOMS_PER_ROW = 12
+
+
+def _plot_heatmap(t: AtomUsage, folder: Path, stem: str) -> None:
+    """One trial's blocks × atoms map, one column wide; more than ``ATOMS_PER_ROW`` atoms are
+    split over several rows (atoms 1-12, 13-24, ...), so every cell keeps a readable label."""
+    usage = np.asarray(t.usage)
+    blocks, atoms = usage.shape
+    chunks = [range(start, min(start + ATOMS_PER_ROW, atoms)) for start in range(0, atoms, ATOMS_PER_ROW)]
+    cell = 3.0 / max(len(c) for c in chunks)  # inches per cell, so a row spans the column
+    fig, axes = new_figure(len(chunks), 1, figsize=(3.5, len(chunks) * (min(cell, 0.4) * blocks + 0.7) + 0.6))
     image = None
-    for ax, t in zip(axes[0], info.trials, strict=True):
-        usage = np.asarray(t.usage)
-        image = ax.imshow(usage, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-        blocks, atoms = usage.shape
-        if blocks * atoms <= 96:
-            for (b, m), v in np.ndenumerate(usage):
-                ax.text(m, b, f"{v:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if v < 0.6 else "black")
-        ax.set_xticks(range(atoms), [str(m + 1) for m in range(atoms)], fontsize=8)
-        ax.set_yticks(range(blocks), [str(b + 1) for b in range(blocks)], fontsize=8)
+    for ax, chunk in zip((row[0] for row in axes), chunks, strict=True):
+        part = usage[:, chunk.start:chunk.stop]
+        image = ax.imshow(part, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        for (b, m), v in np.ndenumerate(part):
+            ax.text(m, b, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                    color="white" if v < 0.6 else "black")
+        ax.set_xticks(range(len(chunk)), [str(m + 1) for m in chunk])
+        ax.set_yticks(range(blocks), [str(b + 1) for b in range(blocks)])
         ax.set_xlabel("atom m")
         ax.set_ylabel("block b")
-        ax.set_title(t.label, fontsize=9)
-    fig.colorbar(image, ax=axes[0].tolist(), label="mean routing weight α", shrink=0.9)
+    axes[0][0].set_title(t.label)
+    fig.colorbar(image, ax=[row[0] for row in axes], label="mean routing weight α", shrink=0.9)
     save_figure(fig, folder, stem)
 
 
@@ -122,16 +128,16 @@ def _grouped_bars(ax, series: list[tuple[str, list[float]]], xlabel: str, ylabel
 def _plot_entropy(info: RoutingInfo, folder: Path, stem: str) -> None:
     with_blocks = [(t.label, t.block_entropy) for t in info.trials if t.block_entropy]
     panels = 2 if with_blocks else 1
-    fig, axes = new_figure(1, panels, figsize=(5.2 * panels + 2.6, 3.6))
+    fig, axes = new_figure(panels, 1, figsize=(3.5, 2.6 * panels + 1.2))
     _grouped_bars(axes[0][0], [(t.label, t.atom_entropy) for t in info.trials], "atom m",
                   "usage entropy across blocks\n(normalised; 1 = shared, 0 = one block)")
     axes[0][0].set_ylim(-0.02, 1.05)
-    axes[0][0].set_title("per atom (cf. paper Fig. 8)", fontsize=9)
+    axes[0][0].set_title("per atom (cf. paper Fig. 8)")
     if with_blocks:
-        _grouped_bars(axes[0][1], with_blocks, "block b", "route entropy over atoms (nats)")
-        axes[0][1].set_title("per block (0 = one atom)", fontsize=9)
+        _grouped_bars(axes[1][0], with_blocks, "block b", "route entropy\nover atoms (nats)")
+        axes[1][0].set_title("per block (0 = one atom)")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right upper", fontsize=8, frameon=False)
+    fig.legend(handles, labels, loc="outside lower center", ncols=1, frameon=False)
     save_figure(fig, folder, stem)
 
 
@@ -141,7 +147,8 @@ def routing_section(data: StudyData, figures: Path) -> Section:
         return Section("routing", "Routing: atom usage", [
             "Atom usage (Fig. 6) and usage entropy (Fig. 8): not recorded — no completed trial's "
             "records have `metrics.atom_usage` (only routed methods such as `queryable` record it)."])
-    _plot_heatmaps(info, figures, "atom_usage")
+    for t in info.trials:
+        _plot_heatmap(t, figures, f"atom_usage_{t.number}")
     _plot_entropy(info, figures, "atom_entropy")
     never = {t.label: [m + 1 for m, e in enumerate(t.atom_entropy) if math.isnan(e)] for t in info.trials}
     paragraphs = [f"{len(info.trials)} routed trial(s), the featured ones first; usage averaged over seeds."]
@@ -149,8 +156,8 @@ def routing_section(data: StudyData, figures: Path) -> Section:
     if unused:
         paragraphs.append(f"Atoms no block used (no bar in the entropy figure): {unused}.")
     return Section("routing", "Routing: atom usage", paragraphs, [
-        FigureRef("atom_usage", "Mean routing weight of each shared atom per block (cf. paper Fig. 6: "
-                                "rows there are tasks, here blocks)."),
+        *(FigureRef(f"atom_usage_{t.number}", f"{t.label}: mean routing weight of each shared atom per "
+                    "block (cf. paper Fig. 6: rows there are tasks, here blocks).") for t in info.trials),
         FigureRef("atom_entropy", "Left: each atom's usage entropy across blocks, normalised by log B "
                                   "(cf. paper Fig. 8, across tasks there). Right: entropy of each "
                                   "block's route over the atoms."),

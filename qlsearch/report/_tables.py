@@ -8,6 +8,7 @@ full precision.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -17,11 +18,14 @@ from qlsearch.report._data import (
     StudyData,
     Table,
     TrialRow,
+    axis_label,
     fmt,
+    fmt_spread,
     front_numbers,
     mean_std,
     seed_values,
     trial_label,
+    trial_values,
     write_csv,
 )
 from qlsearch.status import OVERHEAD_PARTS
@@ -55,7 +59,8 @@ def _trial_tables(data: StudyData, folder: Path) -> tuple[Table, Table]:
                          *[x for v, s in zip(values, t.stds, strict=True) for x in (v, s if t.values else None)],
                          t.number in front, len(t.records), t.trial_seconds, _when(t.started), _when(t.completed),
                          t.failure])
-        cells = [fmt(v, s) if v is not None else "" for v, s in zip(values, t.stds, strict=True)]
+        _, err, kind = trial_values(data, t)
+        cells = [fmt_spread(v, err.get(n), kind.get(n)) for v, n in zip(values, names, strict=True)]
         state = STATES.get(t.state, t.state.lower())
         shown.append([str(t.number), state.upper() if t.state == "FAIL" else state, t.method or "",
                       t.baseline or "", _knobs(t), *cells, "yes" if t.number in front else "",
@@ -63,8 +68,9 @@ def _trial_tables(data: StudyData, folder: Path) -> tuple[Table, Table]:
         if t.number in front:
             front_rows.append((t, [str(t.number), trial_label(data, t), _knobs(t), *cells]))
     write_csv(folder, "trials", csv_columns, csv_rows)
-    labels = [m.label for m in objectives]
-    trials = Table("trials", "Every trial (mean ± std over seeds)",
+    labels = [axis_label(data, m.name) for m in objectives]
+    trials = Table("trials", "Every trial (mean ± std over seeds where there are several; a latency's "
+                   "interquartile range over its timing repeats)",
                    ["#", "state", "method", "baseline", "knobs", *labels, "front", "seconds", "failure"], shown)
     sign = 1.0 if data.study.directions[0] == "minimize" else -1.0
     front_rows.sort(key=lambda pair: (sign * pair[0].values[0], pair[0].number))
@@ -97,8 +103,6 @@ _SYNTHETIC = {  # backbone -> (train table, test table, the paper's setting)
 
 def _get_paper_reference(data: StudyData) -> PaperReference | None:
     """The paper's rows for this study's experiment (synthetic function or text task), if any."""
-    import math
-
     from qlsearch.baselines import paper_table
 
     task, train = data.study.task, data.study.train
@@ -115,7 +119,9 @@ def _get_paper_reference(data: StudyData) -> PaperReference | None:
                       for r in rows.itertuples()}
             columns.append(PaperColumn(f"paper Table {number}: {what}", metric, values))
         note = (f"Paper Tables {train_table}/{test_table} ({task.name}) used {setting}; {ours}. "
-                "The paper's scale may differ: compare rankings, not absolute numbers.")
+                "The paper's scale may differ: compare the ratios to LoRA on the same task, not absolute "
+                "numbers; `agree` marks ratios on the same side of LoRA (both better, both worse, or "
+                "both within 10%).")
         return PaperReference(columns, note) if any(c.values for c in columns) else None
     import pandas as pd
 
@@ -169,38 +175,71 @@ def _std(t: TrialRow, i: int, metric) -> float | None:
     return stats[1] if stats else None
 
 
+def _ours(t: TrialRow | None, name: str, data: StudyData) -> float | None:
+    """The mean over seeds of metric ``name`` for ``t`` (its objective value when it is one)."""
+    if t is None or not t.complete:
+        return None
+    names = [m.name for m in data.study.objectives]
+    if name in names:
+        return t.values[names.index(name)]
+    stats = mean_std(seed_values(t, "metrics", name))
+    return stats[0] if stats else None
+
+
+def agreement(ours: float | None, paper: float | None) -> str:
+    """Whether two ratios to LoRA tell the same story: both below 1, both above 1, or both
+    within 10% of 1 (as good as LoRA). The paper's scale differs from ours (its MSEs are orders
+    of magnitude larger), so ratios, not values, are what can agree."""
+    if ours is None or paper is None or ours <= 0 or paper <= 0:
+        return ""
+    near = [abs(math.log(r)) < math.log(1.1) for r in (ours, paper)]
+    if all(near) or (not any(near) and (ours < 1) == (paper < 1)):
+        return "yes"
+    return "no"
+
+
 def _baseline_table(data: StudyData, folder: Path) -> tuple[Table, str | None]:
     objectives = data.study.objectives
     paper = _get_paper_reference(data)
     extra = [c.metric for c in paper.columns] if paper else []
     extra = [m for m in dict.fromkeys(extra) if m not in {o.name for o in objectives}]
     paper_columns = paper.columns if paper else []
-    columns = ["row", "method", "knobs", "state", "seeds", *[m.label for m in objectives],
+    rows = _compared(data)
+    lora = next((t for _, t, method in rows if method == "lora" and t is not None and t.complete), None)
+    columns = ["row", "method", "knobs", "state", "seeds", *[axis_label(data, m.name) for m in objectives],
                *(get_metric(m).label for m in extra),
-               *(c.title for c in paper_columns), "failure"]
+               *(x for c in paper_columns for x in (c.title, f"ours ÷ LoRA ({get_metric(c.metric).label})",
+                                                     "paper ÷ LoRA", "agree")), "failure"]
     csv_columns = ["row", "trial", "method", "knobs", "state", "seeds",
                    *[c for m in objectives for c in (m.name, f"{m.name}_std")],
                    *[c for m in extra for c in (m, f"{m}_std")],
-                   *[c for col in paper_columns for c in (col.title, f"{col.title} std")],
+                   *[x for col in paper_columns for x in (col.title, f"{col.title} std", f"ours/lora {col.metric}",
+                                                          f"paper/lora {col.metric}", f"agree {col.metric}")],
                    "failure"]
     shown, csv_rows = [], []
-    for label, t, method in _compared(data):
+    for label, t, method in rows:
         state = STATES.get(t.state, t.state.lower()) if t else "not run"
         objective_cells, objective_csv = [], []
+        _, err, kind = trial_values(data, t) if t else (None, {}, {})
         for i, m in enumerate(objectives):
             stats = (t.values[i], _std(t, i, m)) if t and t.complete else None
-            objective_cells.append(fmt(*stats) if stats else "")
+            objective_cells.append(fmt_spread(stats[0], err.get(m.name), kind.get(m.name)) if stats else "")
             objective_csv += list(stats) if stats else [None, None]
         extra_cells, extra_csv = [], []
         for name in extra:
-            stats = mean_std(seed_values(t, "metrics", name)) if t and t.complete else None
-            extra_cells.append(fmt(*stats) if stats else "")
+            found = seed_values(t, "metrics", name) if t and t.complete else []
+            stats = mean_std(found)
+            extra_cells.append(fmt(stats[0], stats[1] if len(found) > 1 else None) if stats else "")
             extra_csv += list(stats) if stats else [None, None]
         paper_cells, paper_csv = [], []
         for col in paper_columns:
-            found = col.values.get(method)
-            paper_cells.append(fmt(*found) if found else "—")
-            paper_csv += list(found) if found else [None, None]
+            found, paper_lora = col.values.get(method), col.values.get("lora")
+            ours, ours_lora = _ours(t, col.metric, data), _ours(lora, col.metric, data)
+            ours_ratio = ours / ours_lora if ours is not None and ours_lora else None
+            paper_ratio = found[0] / paper_lora[0] if found and paper_lora and paper_lora[0] else None
+            agree = agreement(ours_ratio, paper_ratio)
+            paper_cells += [fmt(*found) if found else "—", fmt(ours_ratio), fmt(paper_ratio), agree]
+            paper_csv += [*(found if found else [None, None]), ours_ratio, paper_ratio, agree]
         knobs = _knobs(t) if t else ""
         seeds = str(len(t.records)) if t else "0"
         failure = (t.failure or "") if t else ""
@@ -211,7 +250,7 @@ def _baseline_table(data: StudyData, folder: Path) -> tuple[Table, str | None]:
     write_csv(folder, "baselines", csv_columns, csv_rows)
     title = "Baselines beside the best searched configuration (mean ± std over seeds)"
     if paper:
-        title += ", with the paper's published numbers"
+        title += ", with the paper's published numbers and both as ratios to LoRA"
     return Table("baselines", title, columns, shown), paper.note if paper else None
 
 
