@@ -253,6 +253,31 @@ def _attach(model: nn.Module, config: TrialConfig, targets: list[str]) -> tuple[
                    "targets": adapted_targets(model)}
 
 
+def check_targets(task: TaskSpec, method: str, knobs: dict) -> None:
+    """Attach ``method`` (with ``knobs``) to the task's backbone on the meta device, adapting
+    ``task.targets``: a target it cannot adapt fails when the study is validated, not in the
+    middle of a sweep. A text backbone whose config cannot be read here (not cached,
+    offline) is checked when its trial loads it."""
+    from qlsearch.adapters._wrapper import layer_linear_names
+    from qlsearch.backbones import SYNTHETIC_TARGETS, build_backbone
+    from qlsearch.params import load_config, meta_model
+
+    if task.kind == "synthetic":
+        with torch.device("meta"):
+            backbone = build_backbone(task.backbone)
+        targets = task.targets or SYNTHETIC_TARGETS[task.backbone]
+    else:
+        try:
+            backbone = meta_model(load_config(task.backbone))
+        except (ValueError, OSError):
+            return
+        targets = task.targets or layer_linear_names(backbone)
+    try:
+        attach(backbone, method, precision=None, **{**knobs, "target_modules": list(targets)})
+    except ValueError as err:
+        raise ValueError(f"task.targets: {method} cannot adapt {list(targets)}: {err}") from None
+
+
 def _run_synthetic(config: TrialConfig, device: torch.device, progress):
     from qlsearch.backbones import SYNTHETIC_TARGETS, pretrained_backbone
     from qlsearch.profiling._trained import profile_trained
