@@ -23,12 +23,12 @@ import torch
 from torch import nn
 
 from qlsearch.adapters import attach, get_method
+from qlsearch.profiling._settings import DTYPES
 from qlsearch.train import History, TrialDiverged
 
 TASK_KINDS = ("synthetic", "text")
 INSTRUCTION_MODES = ("task", "none", "shuffled", "random")
 SYNTHETIC_BACKBONES = ("transformer", "mlp")
-DTYPES = ("float32", "bfloat16", "float16")
 PACKAGES = ("qlsearch", "torch", "transformers", "peft", "optuna", "ray", "datasets")
 
 
