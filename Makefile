@@ -35,6 +35,9 @@ bench: setup
 	$(BIN)/qlsearch profile --model benchmarks/configs/launch-bound \
 		--methods lora,dora,replora,hyra,doran,queryable,instr-queryable \
 		--batch 1 --seq 1 --threads 1 --repeats 40 --out benchmarks/results/launch-bound
+	$(BIN)/qlsearch profile --model benchmarks/configs/launch-bound --dtype bfloat16 \
+		--methods lora,dora,replora,hyra,doran,queryable,instr-queryable \
+		--batch 1 --seq 1 --threads 1 --repeats 40 --out benchmarks/results/launch-bound --tag cpu-1t-bf16
 	$(BIN)/qlsearch profile --model benchmarks/configs/qwen2.5-0.5b --methods lora,queryable,instr-queryable \
 		--batch 1 --seq 128 --skip train --repeats 5 --warmup 1 --threads 1 --out benchmarks/results/qwen2.5-0.5b
 	$(BIN)/qlsearch profile --model benchmarks/configs/qwen2.5-0.5b --methods lora,queryable,instr-queryable \

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from qlsearch.adapters import attach, get_method
+from qlsearch.adapters._precision import adapted_targets
 from qlsearch.profiling._settings import PAPER_TARGETS  # the paper's targets: attention + MLP
 
 
@@ -24,7 +25,7 @@ class ParameterRow:
     total: int
     routing: str
     instruction: str
-    targets: str  # "requested", or "method default" where the method cannot adapt the requested ones
+    targets: list[str]  # the linears it adapted (last name component), in model order
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -53,7 +54,9 @@ def meta_model(config) -> nn.Module:
 
 def parameter_table(model: str, methods: list[str], r: int = 8,
                     target_modules: list[str] | None = None, **knobs) -> list[ParameterRow]:
-    """Trainable and total parameters of each method on ``model`` at rank ``r``.
+    """Trainable and total parameters of each method on ``model`` at rank ``r``, every
+    method adapting the same ``target_modules`` (a method that cannot adapt one says so:
+    ``ValueError``, naming it).
 
     ``knobs`` are passed to every method that has them (e.g. ``num_atoms``).
     """
@@ -65,9 +68,9 @@ def parameter_table(model: str, methods: list[str], r: int = 8,
         # the shared knobs this method has (IA3, for one, has no rank)
         own = {k: v for k, v in {"r": r, **knobs}.items() if k in method.knobs}
         try:
-            adapted, used = attach(copy.deepcopy(base), name, target_modules=targets, **own), "requested"
-        except ValueError:  # e.g. HyRA's heads do not divide an MLP projection: its own targets
-            adapted, used = attach(copy.deepcopy(base), name, **own), "method default"
+            adapted = attach(copy.deepcopy(base), name, target_modules=targets, **own)
+        except ValueError as err:
+            raise ValueError(f"--target-modules: {name} cannot adapt {targets}: {err}") from None
         params = list(adapted.parameters())
         rows.append(ParameterRow(
             method=name,
@@ -75,14 +78,19 @@ def parameter_table(model: str, methods: list[str], r: int = 8,
             total=sum(p.numel() for p in params),
             routing=method.routing,
             instruction="Yes" if method.instruction else "No",
-            targets=used,
+            targets=adapted_targets(adapted),
         ))
     return rows
 
 
 def format_table(rows: list[ParameterRow]) -> str:
+    """The table; below it, where both appear, what instr-queryable adds to queryable."""
     lines = [f"{'Method':<18}{'Trainable params':>18}{'Total params':>16}  {'Routing?':<14}"
              f"{'Instruction?':<14}Targets"]
     lines += [f"{row.method:<18}{row.trainable:>18,}{row.total:>16,}  {row.routing:<14}{row.instruction:<14}"
-              f"{row.targets}" for row in rows]
+              f"{','.join(row.targets)}" for row in rows]
+    count = {row.method: row.trainable for row in rows}
+    if {"queryable", "instr-queryable"} <= set(count):
+        lines.append(f"\ninstr-queryable - queryable = {count['instr-queryable'] - count['queryable']:,} "
+                     "instruction parameters (Q_ctx, R_ctx: d_e x d_k each); plain queryable creates none")
     return "\n".join(lines)

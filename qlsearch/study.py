@@ -51,7 +51,7 @@ from pathlib import Path
 
 from qlsearch.adapters import get_method
 from qlsearch.metrics import METRICS, Metric, get_metric
-from qlsearch.trial import TaskSpec, TrainSpec, _check_fields
+from qlsearch.trial import TaskSpec, TrainSpec, _check_fields, check_targets
 
 #: ``knob <= bound`` pairs: combinations that break them are never sampled (paper B.2: k <= M).
 CONSTRAINTS = {"top_k": ("num_atoms", "num_experts")}
@@ -308,6 +308,10 @@ def parse_study(data: dict, path: str | None = None) -> Study:
     baselines = [_baseline(i, b) for i, b in enumerate(data.get("baselines", []))]
     if not spaces and not baselines:
         raise _fail("study.space", "empty: name at least one method under [space.<method>] or a [[baselines]] entry")
+    task = TaskSpec(**data.get("task", {}))
+    for method, knobs in [(s.method, s.fixed) for s in spaces] + [(b.method, b.knobs) for b in baselines]:
+        adapter_knobs = {k: v for k, v in knobs.items() if k not in TRAIN_KNOBS}
+        check_targets(task, method, adapter_knobs)  # every method adapts the study's targets, or says so now
     seeds = data.get("seeds", [0])
     if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds)):
         raise _fail("study.seeds", f"got {seeds!r}; allowed: a non-empty list of integers")
@@ -343,7 +347,7 @@ def parse_study(data: dict, path: str | None = None) -> Study:
     return Study(
         name=name,
         description=data.get("description", ""),
-        task=TaskSpec(**data.get("task", {})),
+        task=task,
         train=TrainSpec(**data.get("train", {})),
         objectives=metrics,
         spaces=spaces,

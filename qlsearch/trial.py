@@ -24,12 +24,12 @@ from torch import nn
 
 from qlsearch.adapters import attach, get_method
 from qlsearch.profiling._quiet import quiet_device
+from qlsearch.profiling._settings import DTYPES
 from qlsearch.train import History, TrialDiverged
 
 TASK_KINDS = ("synthetic", "text")
 INSTRUCTION_MODES = ("task", "none", "shuffled", "random")
 SYNTHETIC_BACKBONES = ("transformer", "mlp")
-DTYPES = ("float32", "bfloat16", "float16")
 PACKAGES = ("qlsearch", "torch", "transformers", "peft", "optuna", "ray", "datasets")
 
 
@@ -299,6 +299,31 @@ def _profile(model: nn.Module, args: tuple, kwargs: dict, latency: dict | None) 
         return {}
     fields = ("forward_ms", "forward_ms_spread", "forward_ratio", "forward_ratio_spread", "batch")
     return {**profile_trained(model, args, kwargs), **{k: latency[k] for k in fields}, "latency": latency}
+
+
+def check_targets(task: TaskSpec, method: str, knobs: dict) -> None:
+    """Attach ``method`` (with ``knobs``) to the task's backbone on the meta device, adapting
+    ``task.targets``: a target it cannot adapt fails when the study is validated, not in the
+    middle of a sweep. A text backbone whose config cannot be read here (not cached,
+    offline) is checked when its trial loads it."""
+    from qlsearch.adapters._wrapper import layer_linear_names
+    from qlsearch.backbones import SYNTHETIC_TARGETS, build_backbone
+    from qlsearch.params import load_config, meta_model
+
+    if task.kind == "synthetic":
+        with torch.device("meta"):
+            backbone = build_backbone(task.backbone)
+        targets = task.targets or SYNTHETIC_TARGETS[task.backbone]
+    else:
+        try:
+            backbone = meta_model(load_config(task.backbone))
+        except (ValueError, OSError):
+            return
+        targets = task.targets or layer_linear_names(backbone)
+    try:
+        attach(backbone, method, precision=None, **{**knobs, "target_modules": list(targets)})
+    except ValueError as err:
+        raise ValueError(f"task.targets: {method} cannot adapt {list(targets)}: {err}") from None
 
 
 def _run_synthetic(config: TrialConfig, device: torch.device, progress):

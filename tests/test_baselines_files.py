@@ -163,8 +163,8 @@ def test_queryable_toml_count_matches_the_formula():
         (896, 4864),
         (4864, 896),
     ] * 24
-    ours = parameter_count(QueryableConfig(), qwen)
-    for name in ("queryable", "instr-queryable"):
+    for name, config in (("queryable", QueryableConfig()),
+                         ("instr-queryable", QueryableConfig(tau_lang=1.0, lambda_ctx=1.0))):
         entry = baseline(name)
-        assert entry["params_qwen2_5_0_5b_r8"] == ours
+        assert entry["params_qwen2_5_0_5b_r8"] == parameter_count(config, qwen)
         assert entry["params_table_6"] == _cell(6, "trainable_params", method=name)

@@ -27,6 +27,7 @@ from qlsearch.adapters._wrapper import AdapterModel, find_linears, seeded
 from qlsearch.adapters.hyra.config import DEFAULT_TARGETS, HyRAConfig
 from qlsearch.adapters.hyra.layer import HyRALinear
 
+
 def find_targets(model: nn.Module, config: HyRAConfig) -> list[str]:
     """Names of the linears to adapt (``target_modules``, else the attention projections), in module order."""
     return find_linears(model, config.target_modules, DEFAULT_TARGETS)
