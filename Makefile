@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup test test-all lint quickstart bench clean
+.PHONY: setup test test-all test-oldest lint quickstart bench clean
 
 # The CPU build of torch first: a bare `torch` requirement would pull GBs of CUDA wheels.
 $(BIN)/.installed: pyproject.toml
@@ -20,6 +20,20 @@ test: setup
 
 test-all: setup  # includes the @pytest.mark.slow tests
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m ""
+
+# The oldest versions pyproject.toml admits, on the tests of adapters, decoding and profiling.
+# torch 2.13 is the oldest CPU build obtainable here (PyPI's Linux torch wheels are CUDA builds
+# of several GB, and the PyTorch CPU index is unreachable); torch 2.11 ran unchanged on a GPU.
+OLDEST := transformers==5.0.0 peft==0.19.0
+OLDEST_TESTS := tests/test_queryable_model.py tests/test_queryable_decode.py \
+	tests/test_adapter_contract.py tests/test_peft_baselines.py tests/test_profile_backbones.py
+test-oldest:
+	$(PYTHON) -m venv .venv-oldest
+	.venv-oldest/bin/pip install -q --upgrade pip
+	.venv-oldest/bin/pip install -q torch==2.13.0
+	.venv-oldest/bin/pip install -q -e '.[dev]' $(OLDEST)
+	.venv-oldest/bin/python -c "import torch, transformers, peft; print('oldest:', torch.__version__, transformers.__version__, peft.__version__)"
+	HF_HUB_OFFLINE=1 .venv-oldest/bin/python -m pytest -q -p no:cacheprovider $(OLDEST_TESTS)
 
 lint: setup
 	$(BIN)/ruff check qlsearch tests
@@ -45,4 +59,4 @@ bench: setup
 		--out benchmarks/results/qwen2.5-0.5b
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-oldest .pytest_cache .ruff_cache

@@ -119,19 +119,21 @@ qlsearch profile --model "$MODEL" --methods "$METHODS" --device "$DEVICE" --dtyp
 for f in "$WORK"/profile/*; do cp "$f" "$OUT/profile-$(basename "$f")"; done
 
 # ---- 2. one trial ---------------------------------------------------------------------------
+# the trial's and the sweep's task and training (TOML tables, last in each file)
+TASK_AND_TRAIN="[task]
+kind = \"synthetic\"
+name = \"levy\"
+backbone = \"mlp\"
+[train]
+epochs = $EPOCHS
+pretrain_epochs = $PRETRAIN_EPOCHS
+lr = 5e-3"
 cat >"$WORK/trial.toml" <<EOF
 method = "queryable"
 knobs = {r = 8, num_atoms = 8, top_k = 2, num_blocks = 4, d_k = 16}
 device = "$DEVICE"
 cache_dir = "$WORK/cache"
-[task]
-kind = "synthetic"
-name = "levy"
-backbone = "mlp"
-[train]
-epochs = $EPOCHS
-pretrain_epochs = $PRETRAIN_EPOCHS
-lr = 5e-3
+$TASK_AND_TRAIN
 EOF
 say "2/3 trial on $DEVICE"
 qlsearch trial "$WORK/trial.toml" --out "$OUT/trial.json" 2>>"$LOG" | tee -a "$LOG"
@@ -143,24 +145,17 @@ seeds = [0]
 num_trials = 4
 sampler = "random"
 objectives = ["best_test_mse", "forward_ms", "trainable_params"]
-[task]
-kind = "synthetic"
-name = "levy"
-backbone = "mlp"
-[train]
-epochs = $EPOCHS
-pretrain_epochs = $PRETRAIN_EPOCHS
-lr = 5e-3
+[resources]
+cpus_per_trial = 1
+gpus_per_trial = 0.25
+max_concurrent = $SWEEP_CONCURRENT
 [space.queryable]
 r = [4, 8]
 num_atoms = [4, 8]
 top_k = [1, 2]
 num_blocks = 4
 d_k = 16
-[resources]
-cpus_per_trial = 1
-gpus_per_trial = 0.25
-max_concurrent = $SWEEP_CONCURRENT
+$TASK_AND_TRAIN
 EOF
 say "3/3 sweep: 4 trials at 0.25 GPU each"
 qlsearch sweep "$WORK/gpu-check.toml" --root "$WORK/runs" --quiet 2>>"$LOG" | tee -a "$LOG"

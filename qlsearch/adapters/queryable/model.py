@@ -14,7 +14,7 @@ holds the routes of the prefill: the route is computed once from the prompt.
 Decoding one prompt (batch 1, beams and ``num_return_sequences`` included: their
 rows repeat the one prompt, so they share its route) merges each projection's
 whole update into a new weight ``W0 + (alpha/r) B (I + g S_b) A`` after prefill and
-puts a plain ``nn.Linear`` holding it in the projection's place until ``generate``
+puts a plain linear (``_MergedLinear``) holding it in the projection's place until ``generate``
 returns: a merge reaches the frozen model's speed only if the wrapper also leaves
 the call path (DESIGN.md). ``W0`` is never written, so restoring is exact (the
 original modules go back) and models sharing ``W0`` are untouched. Batches of
