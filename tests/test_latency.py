@@ -24,24 +24,28 @@ from qlsearch.profiling._quiet import QUIET_DIR_ENV, quiet_device
 
 KNOBS = {"r": 4, "num_atoms": 4, "top_k": 1, "num_blocks": 4, "d_k": 16,
          "target_modules": SYNTHETIC_TARGETS["mlp"]}
-ROUNDS = 40
+ROUNDS = 60
+#: Never looser than this fraction of the ratio, however noisy the machine.
+MAX_RELATIVE_TOLERANCE = 0.3
 
 
-def ratio_tolerance(*measurements: dict) -> float:
-    """How far two medians of the per-round ratio may differ by chance: 4 standard errors.
+def ratio_tolerance(alone: dict, beside: dict) -> float:
+    """How far two medians of the per-round ratio may differ by chance: 4 standard errors,
+    at most ``MAX_RELATIVE_TOLERANCE`` of the ratio.
 
     Each measurement's spread gives its rounds' standard deviation (IQR / 1.349 for a
     normal sample) and the median's standard error (1.253 sigma / sqrt(rounds)); two
     independent medians differ by sqrt(se1^2 + se2^2). Four of those: a chance failure
-    about once in 16,000 runs. On a quiet 2-core CPU the per-round ratio's IQR of this
-    configuration is a few per cent of it, so the tolerance is a few per cent; on a
-    loaded machine (this suite beside other jobs) the spread, and with it the tolerance,
-    grows: the test then still checks that no trainer computed while the rounds were
-    timed, which is what makes the measurement quiet.
+    about once in 16,000 runs if the rounds were normal. Measured on a 2-core CPU shared
+    with other jobs (load average 7-26, processes no lock of ours pauses): the per-round
+    ratio's IQR was as wide as the ratio itself (e.g. 0.8-2.5 around 1.5), the 4-SE
+    bound 0.4-1.4, and the two medians differed by 1-25 % over seven runs; hence the
+    cap at 30 %. A quieter machine narrows the IQR and with it the bound. Quietness
+    itself is checked exactly, by the trainers' step times.
     """
     errors = [1.253 * (m["forward_ratio_spread"]["q75"] - m["forward_ratio_spread"]["q25"]) / 1.349
-              / ROUNDS ** 0.5 for m in measurements]
-    return 4 * sum(e * e for e in errors) ** 0.5
+              / ROUNDS ** 0.5 for m in (alone, beside)]
+    return min(4 * sum(e * e for e in errors) ** 0.5, MAX_RELATIVE_TOLERANCE * alone["forward_ratio"])
 
 
 TRAINER = """
