@@ -149,7 +149,7 @@ def test_cli_prints_json_and_writes_json_and_markdown(qwen, tmp_path, capsys):
             "--skip", "train", "--threads", "1", "--json", "--out", str(tmp_path), "--tag", "here"]
     assert main(argv) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert list(printed["methods"]) == [FROZEN, "lora"]
+    assert list(printed["methods"]) == [FROZEN, "lora", "lora@merged"]
     assert json.loads((tmp_path / "here.json").read_text())["methods"].keys() == printed["methods"].keys()
     markdown = (tmp_path / "here.md").read_text()
     assert "| lora |" in markdown and "| frozen |" in markdown
@@ -158,6 +158,7 @@ def test_cli_prints_json_and_writes_json_and_markdown(qwen, tmp_path, capsys):
 @pytest.mark.parametrize(("args", "option", "allowed"), [
     (["--methods", "lora,qeryable"], "--methods", "queryable"),
     (["--dtype", "fp8"], "--dtype", "bfloat16"),
+    (["--precision", "fp32"], "--precision", "choose from 'mixed', 'model'"),
     (["--skip", "forward"], "--skip", "decode, train"),
     (["--repeats", "0"], "--repeats", "an integer >= 1"),
     (["--num-blocks", "9"], "--num-blocks", "allowed"),
