@@ -204,3 +204,26 @@ def test_trial_records_and_reuses_the_quiet_measurement(tmp_path, quiet_dir):
     assert p["forward_ratio"] == q["forward_ratio"] == p["latency"]["forward_ratio"] > 0
     assert p["forward_ms"] == p["latency"]["forward_ms"] and p["batch"] == 100
     assert statistics.median([p["forward_ms_spread"]["q25"], p["forward_ms_spread"]["q75"]]) > 0
+
+
+def test_text_trial_measures_at_its_own_batch(tmp_path, quiet_dir):
+    """A causal-LM trial: the routed model is timed with its route mask and instructions."""
+    from transformers import LlamaConfig
+
+    from qlsearch.trial import TrialConfig, run_trial
+    from tests.test_text_tasks import ARC_ROWS, char_tokenizer, write_parquet
+
+    char_tokenizer().save_pretrained(tmp_path / "lm")
+    LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, bos_token_id=2, eos_token_id=3,
+                pad_token_id=0).save_pretrained(tmp_path / "lm")  # config only: random weights
+    rows = str(write_parquet(tmp_path / "test-00000-of-00001.parquet", ARC_ROWS))
+    record = run_trial(TrialConfig.from_dict({
+        "method": "queryable", "knobs": {"num_atoms": 4, "top_k": 2, "num_blocks": 2},
+        "task": {"kind": "text", "name": "arc_easy", "backbone": str(tmp_path / "lm"),
+                 "data_files": {"train": rows, "test": rows}, "max_length": 64},
+        "train": {"epochs": 1, "batch_size": 2}, "cache_dir": str(tmp_path / "cache")}))
+    assert record["status"] == "completed", record.get("traceback")
+    latency = record["profile"]["latency"]
+    assert latency["unit"] == "ms per forward of a batch of 2" and latency["forward_ratio"] > 0
+    assert len(list((tmp_path / "cache" / "latency").glob("queryable-*.json"))) == 1
