@@ -39,9 +39,11 @@ def ratio_tolerance(alone: dict, beside: dict) -> float:
     about once in 16,000 runs if the rounds were normal. Measured on a 2-core CPU shared
     with other jobs (load average 7-26, processes no lock of ours pauses): the per-round
     ratio's IQR was as wide as the ratio itself (e.g. 0.8-2.5 around 1.5), the 4-SE
-    bound 0.4-1.4, and the two medians differed by 1-25 % over seven runs; hence the
-    cap at 30 %. A quieter machine narrows the IQR and with it the bound. Quietness
-    itself is checked exactly, by the trainers' step times.
+    bound 0.4-1.4, and the two medians differed by 1-25 % in seven runs of ten and by
+    up to 53 % when the other jobs' load changed between them; hence the cap at 30 %
+    plus the drift measured by timing alone a second time (the test adds it). A quieter
+    machine narrows the IQR and with it the bound. Quietness itself is checked exactly,
+    by the trainers' step times.
     """
     errors = [1.253 * (m["forward_ratio_spread"]["q75"] - m["forward_ratio_spread"]["q25"]) / 1.349
               / ROUNDS ** 0.5 for m in (alone, beside)]
@@ -136,8 +138,9 @@ def _overlaps(step: list[float], start: float, end: float) -> bool:
 
 
 def test_same_ratio_alone_and_next_to_training_trials(base, quiet_dir, tmp_path):
-    """Alone, then with two training processes on the same cores: the trainers do not
-    compute while the rounds are timed, and the ratio agrees within ``ratio_tolerance``."""
+    """Alone, then with two training processes on the same cores, then alone again: the
+    trainers do not compute while the rounds are timed, and the ratio beside them agrees with
+    the mean of the two alone within ``ratio_tolerance`` plus the drift between those two."""
     torch.set_num_threads(1)
     quiet = quiet_device(quiet_dir)
     alone = measure_latency(base, "queryable", KNOBS, inputs(), repeats=ROUNDS, warmup=5, quiet=quiet)
@@ -166,8 +169,13 @@ def test_same_ratio_alone_and_next_to_training_trials(base, quiet_dir, tmp_path)
         assert any(s[0] >= end for s in steps), "the trainer resumed after"
         assert not any(_overlaps(s, start, end) for s in steps), "a trainer computed while timing"
     assert beside["quiet"] and beside["waited_s"] > 0
-    tolerance = ratio_tolerance(alone, beside)
-    assert abs(beside["forward_ratio"] - alone["forward_ratio"]) <= tolerance, (alone, beside, tolerance)
+    # alone once more: how far the machine itself drifted meanwhile (other jobs, which no lock
+    # of ours pauses, share a developer's or CI's cores) widens the tolerance by that much
+    again = measure_latency(base, "queryable", KNOBS, inputs(), repeats=ROUNDS, warmup=5, quiet=quiet)
+    drift = abs(again["forward_ratio"] - alone["forward_ratio"])
+    tolerance = ratio_tolerance(alone, beside) + drift
+    middle = (alone["forward_ratio"] + again["forward_ratio"]) / 2
+    assert abs(beside["forward_ratio"] - middle) <= tolerance, (alone, beside, again, tolerance)
 
 
 def test_a_trainer_that_never_yields_is_waited_for_then_reported(base, quiet_dir):
@@ -204,3 +212,26 @@ def test_trial_records_and_reuses_the_quiet_measurement(tmp_path, quiet_dir):
     assert p["forward_ratio"] == q["forward_ratio"] == p["latency"]["forward_ratio"] > 0
     assert p["forward_ms"] == p["latency"]["forward_ms"] and p["batch"] == 100
     assert statistics.median([p["forward_ms_spread"]["q25"], p["forward_ms_spread"]["q75"]]) > 0
+
+
+def test_text_trial_measures_at_its_own_batch(tmp_path, quiet_dir):
+    """A causal-LM trial: the routed model is timed with its route mask and instructions."""
+    from transformers import LlamaConfig
+
+    from qlsearch.trial import TrialConfig, run_trial
+    from tests.test_text_tasks import ARC_ROWS, char_tokenizer, write_parquet
+
+    char_tokenizer().save_pretrained(tmp_path / "lm")
+    LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, bos_token_id=2, eos_token_id=3,
+                pad_token_id=0).save_pretrained(tmp_path / "lm")  # config only: random weights
+    rows = str(write_parquet(tmp_path / "test-00000-of-00001.parquet", ARC_ROWS))
+    record = run_trial(TrialConfig.from_dict({
+        "method": "queryable", "knobs": {"num_atoms": 4, "top_k": 2, "num_blocks": 2},
+        "task": {"kind": "text", "name": "arc_easy", "backbone": str(tmp_path / "lm"),
+                 "data_files": {"train": rows, "test": rows}, "max_length": 64},
+        "train": {"epochs": 1, "batch_size": 2}, "cache_dir": str(tmp_path / "cache")}))
+    assert record["status"] == "completed", record.get("traceback")
+    latency = record["profile"]["latency"]
+    assert latency["unit"] == "ms per forward of a batch of 2" and latency["forward_ratio"] > 0
+    assert len(list((tmp_path / "cache" / "latency").glob("queryable-*.json"))) == 1
