@@ -117,7 +117,7 @@ def test_bad_method_names_get_one_clear_error(name, message):
 
 def test_bad_peft_knob_fails_study_validation_in_one_line_naming_it():
     def study(knobs):
-        return {"name": "s", "objectives": ["best_test_mse"],
+        return {"name": "s", "objectives": ["val_mse"],
                 "task": {"kind": "synthetic", "name": "sin_cos", "backbone": "mlp"},
                 "baselines": [{"method": "peft:loha"}, {"method": "peft:lokr", "knobs": knobs}]}
 
@@ -137,7 +137,7 @@ def test_bad_peft_knob_fails_study_validation_in_one_line_naming_it():
 
 PEFT_STUDY = """
 name = "peft-any"
-objectives = ["best_test_mse", "trainable_params"]
+objectives = ["val_mse", "trainable_params"]
 cache_dir = "{cache}"
 
 [task]
@@ -192,7 +192,7 @@ def test_params_takes_peft_methods(tmp_path, capsys):
                          "peft:loha,peft:lokr", "--json")
     assert code == 0, err
     rows = {row["method"]: row for row in json.loads(out)}
-    assert rows["peft:loha"]["targets"] == "requested" and rows["peft:loha"]["trainable"] > 0
+    assert rows["peft:loha"]["targets"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] and rows["peft:loha"]["trainable"] > 0
 
 
 def test_profile_takes_peft_methods(tmp_path, capsys):

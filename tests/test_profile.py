@@ -243,9 +243,11 @@ def test_the_frozen_model_has_no_training_step_in_its_peak_memory(qwen):
     from qlsearch.profiling._subjects import peak_phases
 
     settings = ProfileSettings(qwen, methods=("lora",), **FAST)
-    frozen, lora = build_subjects(build_base(settings), settings)
+    frozen, lora, merged = build_subjects(build_base(settings), settings)
+    assert merged.name == "lora@merged"
     with pytest.raises(ValueError, match="empty parameter list"):
         torch.optim.AdamW(frozen.trainable)  # what the old code did
     assert peak_phases(frozen, train=True) == ("forward",)
     assert peak_phases(lora, train=True) == ("forward", "train")
     assert peak_phases(lora, train=False) == ("forward",)
+    assert peak_phases(merged, train=True) == ("forward",)  # merged: nothing left to train

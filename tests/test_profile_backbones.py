@@ -26,7 +26,7 @@ def test_profile_runs_on_a_synthetic_backbone(model, capsys):
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     rows = out["methods"]
-    assert list(rows) == [FROZEN, "lora", "queryable"]
+    assert list(rows) == [FROZEN, "lora", "lora@merged", "queryable"]
     lora = sum(8 * (d_in + d_out) for d_in, d_out in SHAPES[model])
     queryable = parameter_count(QueryableConfig(r=8, **KNOBS), SHAPES[model])
     assert rows["lora"]["trainable_params"] == lora
@@ -35,7 +35,7 @@ def test_profile_runs_on_a_synthetic_backbone(model, capsys):
         assert row["forward_ratio"] > 0 and row["forward_ratio_frozen"] > 0, name
         assert row["decode_tokens_per_s"] is row["decode_ratio_frozen"] is None, name  # no generate
         assert row["flops"] > 0, name
-        if name != FROZEN:
+        if name not in (FROZEN, "lora@merged"):  # nothing trainable in either
             assert row["train_step_ms"] > 0, name
     assert rows["lora"]["forward_ratio"] == 1.0
     assert out["settings"]["target_modules"] == (["linear"] if model == "mlp" else
