@@ -301,11 +301,12 @@ def _profile(model: nn.Module, args: tuple, kwargs: dict, latency: dict | None) 
     return {**profile_trained(model, args, kwargs), **{k: latency[k] for k in fields}, "latency": latency}
 
 
-def check_targets(task: TaskSpec, method: str, knobs: dict) -> None:
-    """Attach ``method`` (with ``knobs``) to the task's backbone on the meta device, adapting
+def check_targets(task: TaskSpec, method: str) -> None:
+    """Attach ``method`` (at its defaults) to the task's backbone on the meta device, adapting
     ``task.targets``: a target it cannot adapt fails when the study is validated, not in the
-    middle of a sweep. A text backbone whose config cannot be read here (not cached,
-    offline) is checked when its trial loads it."""
+    middle of a sweep. Only the targets are checked here: a bad knob value stays a trial's
+    own failure (recorded, the sweep goes on). A text backbone whose config cannot be read
+    here (not cached, offline) is checked when its trial loads it."""
     from qlsearch.adapters._wrapper import layer_linear_names
     from qlsearch.backbones import SYNTHETIC_TARGETS, build_backbone
     from qlsearch.params import load_config, meta_model
@@ -321,7 +322,7 @@ def check_targets(task: TaskSpec, method: str, knobs: dict) -> None:
             return
         targets = task.targets or layer_linear_names(backbone)
     try:
-        attach(backbone, method, precision=None, **{**knobs, "target_modules": list(targets)})
+        attach(backbone, method, precision=None, target_modules=list(targets))
     except ValueError as err:
         raise ValueError(f"task.targets: {method} cannot adapt {list(targets)}: {err}") from None
 

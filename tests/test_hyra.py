@@ -41,6 +41,14 @@ def test_default_targets_are_the_attention_projections():
         "attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"}
 
 
+def test_heads_are_out_features_over_the_head_width_with_a_tiling_fallback():
+    from qlsearch.adapters.hyra.model import head_count
+
+    assert head_count(4864, 64) == 76 and head_count(128, 64) == 2 and head_count(896, 64) == 14
+    assert head_count(100, 64) == 1  # narrower than two heads
+    assert head_count(1000, 64) == 10  # 15 does not divide 1000; 10 heads of 100 rows do
+
+
 def test_head_counts_come_from_the_model_config():
     model = adapted("qwen2")  # 4 query heads, 2 key/value heads, hidden 32
     heads = {n.rsplit(".", 1)[-1]: h for n, (_, _, h) in zip(model.adapted, model.adapted_shapes(), strict=True)}
@@ -91,8 +99,8 @@ def test_bad_knobs_name_the_field(field, value):
 def test_attach_errors_name_the_field():
     with pytest.raises(ValueError, match="unknown field"):
         attach(tiny_mlp(), rank=4)
-    with pytest.raises(ValueError, match="^num_heads: got None"):
-        attach(tiny_mlp(), target_modules=["2"])  # a plain MLP has no head count to read
+    # a plain MLP has no attention heads: one head per linear (the documented fallback)
+    assert attach(tiny_mlp(), target_modules=["2"]).adapted_shapes() == [(16, 16, 1)]
     with pytest.raises(ValueError, match="^num_heads: got 3"):
         attach(tiny_mlp(), target_modules=["2"], num_heads=3)  # 16 rows do not split into 3 heads
     with pytest.raises(ValueError, match="^target_modules"):

@@ -150,8 +150,6 @@ def bad(**changes):
         (bad(baselines=[{"knobs": {}}]), r"baselines\[0\]: got .*method \(required\)"),
         (bad(epochs=3), r"study.epochs: unknown field; allowed: .*train"),
         # every method adapts the study's targets, or the study fails before any trial runs
-        (bad(baselines=[{"method": "hyra", "knobs": {"num_heads": 3}}]),
-         r"task.targets: hyra cannot adapt .*num_heads: got 3; allowed: a divisor"),
         (bad(task={"kind": "synthetic", "name": "ackley", "targets": ["attn"]}),
          r"task.targets: queryable cannot adapt \['attn'\]: target_modules: .* matches no nn.Linear"),
     ],

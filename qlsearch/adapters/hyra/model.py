@@ -89,12 +89,9 @@ class HyRAModel(AdapterModel):
     def __init__(self, base_model: nn.Module, config: HyRAConfig):
         super().__init__(base_model, config)
         names = find_targets(base_model, config)
-        width = head_dim(base_model)
-        if config.num_heads is None and width is None:
-            raise ValueError("num_heads: got None; allowed: an integer >= 1 (this model has no config "
-                             "with num_attention_heads to read the head width from)")
-        heads = {n: config.num_heads or head_count(base_model.get_submodule(n).out_features, width)
-                 for n in names}
+        width = head_dim(base_model)  # None: a model without attention heads, one head per linear
+        heads = {n: config.num_heads or (head_count(base_model.get_submodule(n).out_features, width)
+                                         if width else 1) for n in names}
         c = config
         with seeded(config.seed):
             for name in names:
