@@ -229,7 +229,7 @@ def test_text_trial_measures_at_its_own_batch(tmp_path, quiet_dir):
     record = run_trial(TrialConfig.from_dict({
         "method": "queryable", "knobs": {"num_atoms": 4, "top_k": 2, "num_blocks": 2},
         "task": {"kind": "text", "name": "arc_easy", "backbone": str(tmp_path / "lm"),
-                 "data_files": {"train": rows, "test": rows}, "max_length": 64},
+                 "data_files": {"train": rows, "validation": rows, "test": rows}, "max_length": 64},
         "train": {"epochs": 1, "batch_size": 2}, "cache_dir": str(tmp_path / "cache")}))
     assert record["status"] == "completed", record.get("traceback")
     latency = record["profile"]["latency"]

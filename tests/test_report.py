@@ -187,7 +187,7 @@ def test_paper_numbers_as_ratios_to_lora(swept):
     paper = {r.method: r.mean for r in paper[paper.function == "sin_cos"].itertuples()}
     def test_mse(row: dict) -> float:  # ours: the seed mean of the trial records' test MSE
         records = [json.loads(p.read_text()) for p in
-                   sorted((tmp / "runs" / "small" / "trials").glob(f"*/seed*.json"))]
+                   sorted((tmp / "runs" / "small" / "trials").glob("*/seed*.json"))]
         number = int(row["trial"])
         assert trials[number]["state"] == "completed"
         mine = [r for r in records if r["config"]["knobs"] == json.loads(trials[number]["knobs"])

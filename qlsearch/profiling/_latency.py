@@ -31,6 +31,7 @@ that miss at once may both measure; the later file wins.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -42,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from qlsearch.adapters import attach
+from qlsearch.adapters._precision import inference_form
 from qlsearch.profiling._machine import _cpu_model, _version
 from qlsearch.profiling._quiet import QuietDevice, quiet_device
 from qlsearch.profiling._settings import FROZEN, REFERENCE
@@ -136,12 +138,15 @@ def measure_latency(base: nn.Module, method: str, knobs: dict, inputs: dict[str,
         if (hit := _read(path)) is not None:  # measured by a trial we waited for
             return hit
         started = time.time()
-        warm_up(calls, warmup)
-        samples = timed_rounds(calls, clock, repeats)
+        with contextlib.ExitStack() as deployed:  # each model in the form a user would deploy
+            forms = {s.name: deployed.enter_context(inference_form(s.model)) for s in subjects}
+            warm_up(calls, warmup)
+            samples = timed_rounds(calls, clock, repeats)
         seconds = time.time() - started
         latency = {
             **_summary(samples, batch=int(next(iter(inputs.values())).shape[0])),
             "reference": f"PEFT LoRA r={REFERENCE_RANK} on the same targets",
+            "form": forms[MEASURED], "reference_form": forms[REFERENCE],
             "quiet": state["quiet"], "waited_s": state["waited_s"],
             "repeats": repeats, "warmup": warmup, "threads": key["threads"], "timer": clock.name,
             "statistic": "median over rounds; frozen, reference and configuration interleaved",
