@@ -190,7 +190,7 @@ SECTIONS = ("metrics", "profile")
 
 def _spread(t: TrialRow, name: str, mean: float, seeds: list[float]) -> tuple[list[float], str] | None:
     """``([minus, plus], what)`` for the error bar of ``name``, or None where nothing is measured."""
-    if len(seeds) > 1:
+    if len(set(seeds)) > 1:  # seeds that all gave one value have no spread over seeds
         std = statistics.stdev(seeds)
         return [std, std], f"std over {len(seeds)} seeds"
     for r in t.records:
@@ -207,7 +207,7 @@ def _spread(t: TrialRow, name: str, mean: float, seeds: list[float]) -> tuple[li
 def trial_values(data: StudyData, t: TrialRow) -> tuple[dict, dict, dict]:
     """Means over seeds of every numeric field of ``t``'s records (``metrics`` and ``profile``),
     the objectives as Optuna stored them, and each one's error bar ``[minus, plus]`` with what
-    it is: the std over seeds where there are several, else the record's own ``<name>_std``,
+    it is: the std over seeds where there are several that differ, else the record's own ``<name>_std``,
     else the interquartile range of its ``<name>_spread`` (a timing's repeats), else none."""
     per_seed: dict[str, list[float]] = {}
     for r in t.records:
@@ -223,7 +223,9 @@ def trial_values(data: StudyData, t: TrialRow) -> tuple[dict, dict, dict]:
     if t.complete:  # the objectives as Optuna stored them (means over seeds)
         for i, m in enumerate(data.study.objectives):
             values[m.name] = t.values[i]
-            if t.stds[i] is not None and len(per_seed.get(m.name, [])) > 1:
+            # seeds that all gave one value (a parameter count, a latency measured once per
+            # configuration) have no spread over seeds: the record's own spread is used instead
+            if t.stds[i] is not None and len(set(per_seed.get(m.name, []))) > 1:
                 err[m.name], kind[m.name] = [t.stds[i]] * 2, f"std over {len(t.records)} seeds"
     for name, mean in values.items():
         if name not in err and (found := _spread(t, name, mean, per_seed.get(name, []))):
