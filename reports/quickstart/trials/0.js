@@ -13,11 +13,11 @@ window.qlsearchRecord({
  },
  "objectives": {
   "val_mse": 0.007999306311830878,
-  "forward_ms": 5.761286000506516,
+  "forward_ratio": 1.3649601609569095,
   "trainable_params": 8744.0
  },
  "failure": null,
- "trial_seconds": 48.196155071258545,
+ "trial_seconds": 84.1523802280426,
  "seeds": [
   {
    "status": "completed",
@@ -62,7 +62,7 @@ window.qlsearchRecord({
     "profile": true,
     "device": "auto",
     "cache_dir": "runs/cache",
-    "latency_cache": "/work/wt/int/runs/quickstart/latency"
+    "latency_cache": "/work/main/runs/quickstart/latency"
    },
    "seed": 0,
    "metrics": {
@@ -1729,54 +1729,54 @@ window.qlsearchRecord({
     "matmul_flops": 5481984,
     "peak_memory_bytes": null,
     "peak_memory_source": "not measured on CPU",
-    "forward_ms": 5.761286000506516,
+    "forward_ms": 3.1699125001978246,
     "forward_ms_spread": {
-     "min": 4.938219999530702,
-     "q25": 5.494418749549368,
-     "q75": 6.18935724946823,
-     "max": 6.901224999637634
+     "min": 2.7966649995505577,
+     "q25": 3.01342599959753,
+     "q75": 4.103274000044621,
+     "max": 5.310976999680861
     },
-    "forward_ratio": 1.2561394284510674,
+    "forward_ratio": 1.3649601609569095,
     "forward_ratio_spread": {
-     "min": 0.9988848193462624,
-     "q25": 1.191490496429505,
-     "q75": 1.3630899101022653,
-     "max": 1.5538760739477855
+     "min": 1.0363837851758402,
+     "q25": 1.2349527166424585,
+     "q75": 1.3949351591689723,
+     "max": 1.8987654175825182
     },
     "latency": {
-     "forward_ms": 5.761286000506516,
+     "forward_ms": 3.1699125001978246,
      "forward_ms_spread": {
-      "min": 4.938219999530702,
-      "q25": 5.494418749549368,
-      "q75": 6.18935724946823,
-      "max": 6.901224999637634
+      "min": 2.7966649995505577,
+      "q25": 3.01342599959753,
+      "q75": 4.103274000044621,
+      "max": 5.310976999680861
      },
-     "forward_ratio": 1.2561394284510674,
+     "forward_ratio": 1.3649601609569095,
      "forward_ratio_spread": {
-      "min": 0.9988848193462624,
-      "q25": 1.191490496429505,
-      "q75": 1.3630899101022653,
-      "max": 1.5538760739477855
+      "min": 1.0363837851758402,
+      "q25": 1.2349527166424585,
+      "q75": 1.3949351591689723,
+      "max": 1.8987654175825182
      },
-     "frozen_ms": 1.5045525001369242,
-     "reference_ms": 4.58650199971089,
-     "overhead_ms": 4.256733500369592,
+     "frozen_ms": 0.8829580001474824,
+     "reference_ms": 2.322348000234342,
+     "overhead_ms": 2.286954500050342,
      "batch": 64,
-     "forward_ms_per_example": 0.09002009375791431,
+     "forward_ms_per_example": 0.04952988281559101,
      "unit": "ms per forward of a batch of 64",
      "reference": "PEFT LoRA r=8 on the same targets",
      "form": "routed",
      "reference_form": "unmerged",
      "quiet": true,
-     "waited_s": 0.5099321699999564,
+     "waited_s": 1.8946889690005264,
      "repeats": 30,
      "warmup": 5,
      "threads": 1,
      "timer": "time.perf_counter",
      "statistic": "median over rounds; frozen, reference and configuration interleaved",
-     "started_at": 1796010357.407155,
-     "seconds": 0.8044698238372803,
-     "key": "816d9b80d970c8da5038",
+     "started_at": 1796011684.0917857,
+     "seconds": 0.49492883682250977,
+     "key": "4190477edb6aa81e645b",
      "cached": false
     }
    },
@@ -1790,7 +1790,7 @@ window.qlsearchRecord({
     "ray": "2.60.0",
     "datasets": "5.2.0"
    },
-   "git": "d5b7e6f6149ccc5e03d2f7749390d1f3f8ac125b",
+   "git": "23fb9a3f81c8e9659459341415a0d26c436696fb+dirty",
    "machine": {
     "cpu": "Intel(R) Xeon(R) Processor",
     "cpu_count": 2,
@@ -1803,14 +1803,14 @@ window.qlsearchRecord({
     "peft": "0.21.2",
     "qlsearch": "0.1.0"
    },
-   "started_at": "2026-11-30T03:45:36.974642+00:00",
+   "started_at": "2026-11-30T04:07:41.020860+00:00",
    "precision": "mixed",
    "adapter_dtype": "float32",
    "compute_dtype": "float32",
    "targets": [
     "linear"
    ],
-   "duration_s": 28.414835929870605,
+   "duration_s": 37.87537145614624,
    "baseline": null
   },
   {
@@ -1856,7 +1856,7 @@ window.qlsearchRecord({
     "profile": true,
     "device": "auto",
     "cache_dir": "runs/cache",
-    "latency_cache": "/work/wt/int/runs/quickstart/latency"
+    "latency_cache": "/work/main/runs/quickstart/latency"
    },
    "seed": 1,
    "metrics": {
@@ -3523,54 +3523,54 @@ window.qlsearchRecord({
     "matmul_flops": 5481984,
     "peak_memory_bytes": null,
     "peak_memory_source": "not measured on CPU",
-    "forward_ms": 5.761286000506516,
+    "forward_ms": 3.1699125001978246,
     "forward_ms_spread": {
-     "min": 4.938219999530702,
-     "q25": 5.494418749549368,
-     "q75": 6.18935724946823,
-     "max": 6.901224999637634
+     "min": 2.7966649995505577,
+     "q25": 3.01342599959753,
+     "q75": 4.103274000044621,
+     "max": 5.310976999680861
     },
-    "forward_ratio": 1.2561394284510674,
+    "forward_ratio": 1.3649601609569095,
     "forward_ratio_spread": {
-     "min": 0.9988848193462624,
-     "q25": 1.191490496429505,
-     "q75": 1.3630899101022653,
-     "max": 1.5538760739477855
+     "min": 1.0363837851758402,
+     "q25": 1.2349527166424585,
+     "q75": 1.3949351591689723,
+     "max": 1.8987654175825182
     },
     "latency": {
-     "forward_ms": 5.761286000506516,
+     "forward_ms": 3.1699125001978246,
      "forward_ms_spread": {
-      "min": 4.938219999530702,
-      "q25": 5.494418749549368,
-      "q75": 6.18935724946823,
-      "max": 6.901224999637634
+      "min": 2.7966649995505577,
+      "q25": 3.01342599959753,
+      "q75": 4.103274000044621,
+      "max": 5.310976999680861
      },
-     "forward_ratio": 1.2561394284510674,
+     "forward_ratio": 1.3649601609569095,
      "forward_ratio_spread": {
-      "min": 0.9988848193462624,
-      "q25": 1.191490496429505,
-      "q75": 1.3630899101022653,
-      "max": 1.5538760739477855
+      "min": 1.0363837851758402,
+      "q25": 1.2349527166424585,
+      "q75": 1.3949351591689723,
+      "max": 1.8987654175825182
      },
-     "frozen_ms": 1.5045525001369242,
-     "reference_ms": 4.58650199971089,
-     "overhead_ms": 4.256733500369592,
+     "frozen_ms": 0.8829580001474824,
+     "reference_ms": 2.322348000234342,
+     "overhead_ms": 2.286954500050342,
      "batch": 64,
-     "forward_ms_per_example": 0.09002009375791431,
+     "forward_ms_per_example": 0.04952988281559101,
      "unit": "ms per forward of a batch of 64",
      "reference": "PEFT LoRA r=8 on the same targets",
      "form": "routed",
      "reference_form": "unmerged",
      "quiet": true,
-     "waited_s": 0.5099321699999564,
+     "waited_s": 1.8946889690005264,
      "repeats": 30,
      "warmup": 5,
      "threads": 1,
      "timer": "time.perf_counter",
      "statistic": "median over rounds; frozen, reference and configuration interleaved",
-     "started_at": 1796010357.407155,
-     "seconds": 0.8044698238372803,
-     "key": "816d9b80d970c8da5038",
+     "started_at": 1796011684.0917857,
+     "seconds": 0.49492883682250977,
+     "key": "4190477edb6aa81e645b",
      "cached": true
     }
    },
@@ -3584,7 +3584,7 @@ window.qlsearchRecord({
     "ray": "2.60.0",
     "datasets": "5.2.0"
    },
-   "git": "d5b7e6f6149ccc5e03d2f7749390d1f3f8ac125b",
+   "git": "23fb9a3f81c8e9659459341415a0d26c436696fb+dirty",
    "machine": {
     "cpu": "Intel(R) Xeon(R) Processor",
     "cpu_count": 2,
@@ -3597,14 +3597,14 @@ window.qlsearchRecord({
     "peft": "0.21.2",
     "qlsearch": "0.1.0"
    },
-   "started_at": "2026-11-30T03:46:05.394148+00:00",
+   "started_at": "2026-11-30T04:08:18.905726+00:00",
    "precision": "mixed",
    "adapter_dtype": "float32",
    "compute_dtype": "float32",
    "targets": [
     "linear"
    ],
-   "duration_s": 19.772095680236816,
+   "duration_s": 46.250720739364624,
    "baseline": null
   }
  ]

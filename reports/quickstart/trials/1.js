@@ -13,11 +13,11 @@ window.qlsearchRecord({
  },
  "objectives": {
   "val_mse": 0.008841461734846234,
-  "forward_ms": 3.558703500402771,
+  "forward_ratio": 1.3217518814406872,
   "trainable_params": 8872.0
  },
  "failure": null,
- "trial_seconds": 52.775262117385864,
+ "trial_seconds": 87.67136073112488,
  "seeds": [
   {
    "status": "completed",
@@ -62,7 +62,7 @@ window.qlsearchRecord({
     "profile": true,
     "device": "auto",
     "cache_dir": "runs/cache",
-    "latency_cache": "/work/wt/int/runs/quickstart/latency"
+    "latency_cache": "/work/main/runs/quickstart/latency"
    },
    "seed": 0,
    "metrics": {
@@ -1745,54 +1745,54 @@ window.qlsearchRecord({
     "matmul_flops": 5547520,
     "peak_memory_bytes": null,
     "peak_memory_source": "not measured on CPU",
-    "forward_ms": 3.558703500402771,
+    "forward_ms": 3.3112125001935055,
     "forward_ms_spread": {
-     "min": 2.91595100043196,
-     "q25": 3.219690749347137,
-     "q75": 3.7630474998877617,
-     "max": 5.487435000759433
+     "min": 2.8289700003369944,
+     "q25": 3.0644987505183963,
+     "q75": 4.177239250111597,
+     "max": 13.738095000007888
     },
-    "forward_ratio": 1.3103678283718032,
+    "forward_ratio": 1.3217518814406872,
     "forward_ratio_spread": {
-     "min": 0.9715196420950395,
-     "q25": 1.268078112933299,
-     "q75": 1.380933840607091,
-     "max": 1.5494631889997792
+     "min": 0.6332647554755954,
+     "q25": 1.224563134898034,
+     "q75": 1.451262407397253,
+     "max": 1.8283108442943028
     },
     "latency": {
-     "forward_ms": 3.558703500402771,
+     "forward_ms": 3.3112125001935055,
      "forward_ms_spread": {
-      "min": 2.91595100043196,
-      "q25": 3.219690749347137,
-      "q75": 3.7630474998877617,
-      "max": 5.487435000759433
+      "min": 2.8289700003369944,
+      "q25": 3.0644987505183963,
+      "q75": 4.177239250111597,
+      "max": 13.738095000007888
      },
-     "forward_ratio": 1.3103678283718032,
+     "forward_ratio": 1.3217518814406872,
      "forward_ratio_spread": {
-      "min": 0.9715196420950395,
-      "q25": 1.268078112933299,
-      "q75": 1.380933840607091,
-      "max": 1.5494631889997792
+      "min": 0.6332647554755954,
+      "q25": 1.224563134898034,
+      "q75": 1.451262407397253,
+      "max": 1.8283108442943028
      },
-     "frozen_ms": 1.0146849999728147,
-     "reference_ms": 2.715805000207183,
-     "overhead_ms": 2.5440185004299565,
+     "frozen_ms": 0.993412999832799,
+     "reference_ms": 2.5051695001820917,
+     "overhead_ms": 2.3177995003607066,
      "batch": 64,
-     "forward_ms_per_example": 0.0556047421937933,
+     "forward_ms_per_example": 0.051737695315523524,
      "unit": "ms per forward of a batch of 64",
      "reference": "PEFT LoRA r=8 on the same targets",
      "form": "routed",
      "reference_form": "unmerged",
      "quiet": true,
-     "waited_s": 3.2819497130003583,
+     "waited_s": 2.574776629000553,
      "repeats": 30,
      "warmup": 5,
      "threads": 1,
      "timer": "time.perf_counter",
      "statistic": "median over rounds; frozen, reference and configuration interleaved",
-     "started_at": 1796010356.8998566,
-     "seconds": 0.5011661052703857,
-     "key": "f541fc613cf8033d0d5d",
+     "started_at": 1796011683.480365,
+     "seconds": 0.6054151058197021,
+     "key": "f0fe54ec473aee1d3a94",
      "cached": false
     }
    },
@@ -1806,7 +1806,7 @@ window.qlsearchRecord({
     "ray": "2.60.0",
     "datasets": "5.2.0"
    },
-   "git": "d5b7e6f6149ccc5e03d2f7749390d1f3f8ac125b",
+   "git": "23fb9a3f81c8e9659459341415a0d26c436696fb+dirty",
    "machine": {
     "cpu": "Intel(R) Xeon(R) Processor",
     "cpu_count": 2,
@@ -1819,14 +1819,14 @@ window.qlsearchRecord({
     "peft": "0.21.2",
     "qlsearch": "0.1.0"
    },
-   "started_at": "2026-11-30T03:45:37.070910+00:00",
+   "started_at": "2026-11-30T04:07:39.177680+00:00",
    "precision": "mixed",
    "adapter_dtype": "float32",
    "compute_dtype": "float32",
    "targets": [
     "linear"
    ],
-   "duration_s": 28.5904700756073,
+   "duration_s": 38.7255859375,
    "baseline": null
   },
   {
@@ -1872,7 +1872,7 @@ window.qlsearchRecord({
     "profile": true,
     "device": "auto",
     "cache_dir": "runs/cache",
-    "latency_cache": "/work/wt/int/runs/quickstart/latency"
+    "latency_cache": "/work/main/runs/quickstart/latency"
    },
    "seed": 1,
    "metrics": {
@@ -3555,54 +3555,54 @@ window.qlsearchRecord({
     "matmul_flops": 5547520,
     "peak_memory_bytes": null,
     "peak_memory_source": "not measured on CPU",
-    "forward_ms": 3.558703500402771,
+    "forward_ms": 3.3112125001935055,
     "forward_ms_spread": {
-     "min": 2.91595100043196,
-     "q25": 3.219690749347137,
-     "q75": 3.7630474998877617,
-     "max": 5.487435000759433
+     "min": 2.8289700003369944,
+     "q25": 3.0644987505183963,
+     "q75": 4.177239250111597,
+     "max": 13.738095000007888
     },
-    "forward_ratio": 1.3103678283718032,
+    "forward_ratio": 1.3217518814406872,
     "forward_ratio_spread": {
-     "min": 0.9715196420950395,
-     "q25": 1.268078112933299,
-     "q75": 1.380933840607091,
-     "max": 1.5494631889997792
+     "min": 0.6332647554755954,
+     "q25": 1.224563134898034,
+     "q75": 1.451262407397253,
+     "max": 1.8283108442943028
     },
     "latency": {
-     "forward_ms": 3.558703500402771,
+     "forward_ms": 3.3112125001935055,
      "forward_ms_spread": {
-      "min": 2.91595100043196,
-      "q25": 3.219690749347137,
-      "q75": 3.7630474998877617,
-      "max": 5.487435000759433
+      "min": 2.8289700003369944,
+      "q25": 3.0644987505183963,
+      "q75": 4.177239250111597,
+      "max": 13.738095000007888
      },
-     "forward_ratio": 1.3103678283718032,
+     "forward_ratio": 1.3217518814406872,
      "forward_ratio_spread": {
-      "min": 0.9715196420950395,
-      "q25": 1.268078112933299,
-      "q75": 1.380933840607091,
-      "max": 1.5494631889997792
+      "min": 0.6332647554755954,
+      "q25": 1.224563134898034,
+      "q75": 1.451262407397253,
+      "max": 1.8283108442943028
      },
-     "frozen_ms": 1.0146849999728147,
-     "reference_ms": 2.715805000207183,
-     "overhead_ms": 2.5440185004299565,
+     "frozen_ms": 0.993412999832799,
+     "reference_ms": 2.5051695001820917,
+     "overhead_ms": 2.3177995003607066,
      "batch": 64,
-     "forward_ms_per_example": 0.0556047421937933,
+     "forward_ms_per_example": 0.051737695315523524,
      "unit": "ms per forward of a batch of 64",
      "reference": "PEFT LoRA r=8 on the same targets",
      "form": "routed",
      "reference_form": "unmerged",
      "quiet": true,
-     "waited_s": 3.2819497130003583,
+     "waited_s": 2.574776629000553,
      "repeats": 30,
      "warmup": 5,
      "threads": 1,
      "timer": "time.perf_counter",
      "statistic": "median over rounds; frozen, reference and configuration interleaved",
-     "started_at": 1796010356.8998566,
-     "seconds": 0.5011661052703857,
-     "key": "f541fc613cf8033d0d5d",
+     "started_at": 1796011683.480365,
+     "seconds": 0.6054151058197021,
+     "key": "f0fe54ec473aee1d3a94",
      "cached": true
     }
    },
@@ -3616,7 +3616,7 @@ window.qlsearchRecord({
     "ray": "2.60.0",
     "datasets": "5.2.0"
    },
-   "git": "d5b7e6f6149ccc5e03d2f7749390d1f3f8ac125b",
+   "git": "23fb9a3f81c8e9659459341415a0d26c436696fb+dirty",
    "machine": {
     "cpu": "Intel(R) Xeon(R) Processor",
     "cpu_count": 2,
@@ -3629,14 +3629,14 @@ window.qlsearchRecord({
     "peft": "0.21.2",
     "qlsearch": "0.1.0"
    },
-   "started_at": "2026-11-30T03:46:05.665999+00:00",
+   "started_at": "2026-11-30T04:08:17.911807+00:00",
    "precision": "mixed",
    "adapter_dtype": "float32",
    "compute_dtype": "float32",
    "targets": [
     "linear"
    ],
-   "duration_s": 24.17462658882141,
+   "duration_s": 48.93002104759216,
    "baseline": null
   }
  ]

@@ -9,11 +9,11 @@ window.qlsearchRecord({
  },
  "objectives": {
   "val_mse": 0.009367851773276925,
-  "forward_ms": 3.3372220000273956,
+  "forward_ratio": 0.9966553169495427,
   "trainable_params": 16144.0
  },
  "failure": null,
- "trial_seconds": 42.27269530296326,
+ "trial_seconds": 50.66888618469238,
  "seeds": [
   {
    "status": "completed",
@@ -54,7 +54,7 @@ window.qlsearchRecord({
     "profile": true,
     "device": "auto",
     "cache_dir": "runs/cache",
-    "latency_cache": "/work/wt/int/runs/quickstart/latency"
+    "latency_cache": "/work/main/runs/quickstart/latency"
    },
    "seed": 0,
    "metrics": {
@@ -1689,54 +1689,54 @@ window.qlsearchRecord({
     "matmul_flops": 6141952,
     "peak_memory_bytes": null,
     "peak_memory_source": "not measured on CPU",
-    "forward_ms": 3.3372220000273956,
+    "forward_ms": 3.4565910000310396,
     "forward_ms_spread": {
-     "min": 3.062890999899537,
-     "q25": 3.1726989996059274,
-     "q75": 3.6092122504669533,
-     "max": 9.663620000537776
+     "min": 3.2503689999430208,
+     "q25": 3.3382037497631245,
+     "q75": 3.5142902495408634,
+     "max": 4.155567999987397
     },
-    "forward_ratio": 0.9922516161351083,
+    "forward_ratio": 0.9966553169495427,
     "forward_ratio_spread": {
-     "min": 0.365406929947372,
-     "q25": 0.9403557176059023,
-     "q75": 1.0251290119927212,
-     "max": 1.1165560163429482
+     "min": 0.8918051374546807,
+     "q25": 0.9610721683533917,
+     "q75": 1.0314673716331035,
+     "max": 1.0783027059238304
     },
     "latency": {
-     "forward_ms": 3.3372220000273956,
+     "forward_ms": 3.4565910000310396,
      "forward_ms_spread": {
-      "min": 3.062890999899537,
-      "q25": 3.1726989996059274,
-      "q75": 3.6092122504669533,
-      "max": 9.663620000537776
+      "min": 3.2503689999430208,
+      "q25": 3.3382037497631245,
+      "q75": 3.5142902495408634,
+      "max": 4.155567999987397
      },
-     "forward_ratio": 0.9922516161351083,
+     "forward_ratio": 0.9966553169495427,
      "forward_ratio_spread": {
-      "min": 0.365406929947372,
-      "q25": 0.9403557176059023,
-      "q75": 1.0251290119927212,
-      "max": 1.1165560163429482
+      "min": 0.8918051374546807,
+      "q25": 0.9610721683533917,
+      "q75": 1.0314673716331035,
+      "max": 1.0783027059238304
      },
-     "frozen_ms": 1.1991434998890327,
-     "reference_ms": 3.363282000009349,
-     "overhead_ms": 2.138078500138363,
+     "frozen_ms": 1.27937400020528,
+     "reference_ms": 3.4681909996834293,
+     "overhead_ms": 2.1772169998257596,
      "batch": 64,
-     "forward_ms_per_example": 0.052144093750428056,
+     "forward_ms_per_example": 0.054009234375484994,
      "unit": "ms per forward of a batch of 64",
      "reference": "PEFT LoRA r=8 on the same targets",
      "form": "unmerged",
      "reference_form": "unmerged",
      "quiet": true,
-     "waited_s": 5.797474433999923,
+     "waited_s": 2.3815905410001506,
      "repeats": 30,
      "warmup": 5,
      "threads": 1,
      "timer": "time.perf_counter",
      "statistic": "median over rounds; frozen, reference and configuration interleaved",
-     "started_at": 1796010404.4570572,
-     "seconds": 0.6925544738769531,
-     "key": "4d079903afed4e5cb068",
+     "started_at": 1796011763.9951892,
+     "seconds": 0.5772249698638916,
+     "key": "9eb74dadce69f21b0838",
      "cached": false
     }
    },
@@ -1750,7 +1750,7 @@ window.qlsearchRecord({
     "ray": "2.60.0",
     "datasets": "5.2.0"
    },
-   "git": "d5b7e6f6149ccc5e03d2f7749390d1f3f8ac125b",
+   "git": "23fb9a3f81c8e9659459341415a0d26c436696fb+dirty",
    "machine": {
     "cpu": "Intel(R) Xeon(R) Processor",
     "cpu_count": 2,
@@ -1763,14 +1763,14 @@ window.qlsearchRecord({
     "peft": "0.21.2",
     "qlsearch": "0.1.0"
    },
-   "started_at": "2026-11-30T03:46:25.272484+00:00",
+   "started_at": "2026-11-30T04:09:05.312176+00:00",
    "precision": "mixed",
    "adapter_dtype": "float32",
    "compute_dtype": "float32",
    "targets": [
     "linear"
    ],
-   "duration_s": 25.11191749572754,
+   "duration_s": 29.857431411743164,
    "baseline": null
   },
   {
@@ -1812,7 +1812,7 @@ window.qlsearchRecord({
     "profile": true,
     "device": "auto",
     "cache_dir": "runs/cache",
-    "latency_cache": "/work/wt/int/runs/quickstart/latency"
+    "latency_cache": "/work/main/runs/quickstart/latency"
    },
    "seed": 1,
    "metrics": {
@@ -3447,54 +3447,54 @@ window.qlsearchRecord({
     "matmul_flops": 6141952,
     "peak_memory_bytes": null,
     "peak_memory_source": "not measured on CPU",
-    "forward_ms": 3.3372220000273956,
+    "forward_ms": 3.4565910000310396,
     "forward_ms_spread": {
-     "min": 3.062890999899537,
-     "q25": 3.1726989996059274,
-     "q75": 3.6092122504669533,
-     "max": 9.663620000537776
+     "min": 3.2503689999430208,
+     "q25": 3.3382037497631245,
+     "q75": 3.5142902495408634,
+     "max": 4.155567999987397
     },
-    "forward_ratio": 0.9922516161351083,
+    "forward_ratio": 0.9966553169495427,
     "forward_ratio_spread": {
-     "min": 0.365406929947372,
-     "q25": 0.9403557176059023,
-     "q75": 1.0251290119927212,
-     "max": 1.1165560163429482
+     "min": 0.8918051374546807,
+     "q25": 0.9610721683533917,
+     "q75": 1.0314673716331035,
+     "max": 1.0783027059238304
     },
     "latency": {
-     "forward_ms": 3.3372220000273956,
+     "forward_ms": 3.4565910000310396,
      "forward_ms_spread": {
-      "min": 3.062890999899537,
-      "q25": 3.1726989996059274,
-      "q75": 3.6092122504669533,
-      "max": 9.663620000537776
+      "min": 3.2503689999430208,
+      "q25": 3.3382037497631245,
+      "q75": 3.5142902495408634,
+      "max": 4.155567999987397
      },
-     "forward_ratio": 0.9922516161351083,
+     "forward_ratio": 0.9966553169495427,
      "forward_ratio_spread": {
-      "min": 0.365406929947372,
-      "q25": 0.9403557176059023,
-      "q75": 1.0251290119927212,
-      "max": 1.1165560163429482
+      "min": 0.8918051374546807,
+      "q25": 0.9610721683533917,
+      "q75": 1.0314673716331035,
+      "max": 1.0783027059238304
      },
-     "frozen_ms": 1.1991434998890327,
-     "reference_ms": 3.363282000009349,
-     "overhead_ms": 2.138078500138363,
+     "frozen_ms": 1.27937400020528,
+     "reference_ms": 3.4681909996834293,
+     "overhead_ms": 2.1772169998257596,
      "batch": 64,
-     "forward_ms_per_example": 0.052144093750428056,
+     "forward_ms_per_example": 0.054009234375484994,
      "unit": "ms per forward of a batch of 64",
      "reference": "PEFT LoRA r=8 on the same targets",
      "form": "unmerged",
      "reference_form": "unmerged",
      "quiet": true,
-     "waited_s": 5.797474433999923,
+     "waited_s": 2.3815905410001506,
      "repeats": 30,
      "warmup": 5,
      "threads": 1,
      "timer": "time.perf_counter",
      "statistic": "median over rounds; frozen, reference and configuration interleaved",
-     "started_at": 1796010404.4570572,
-     "seconds": 0.6925544738769531,
-     "key": "4d079903afed4e5cb068",
+     "started_at": 1796011763.9951892,
+     "seconds": 0.5772249698638916,
+     "key": "9eb74dadce69f21b0838",
      "cached": true
     }
    },
@@ -3508,7 +3508,7 @@ window.qlsearchRecord({
     "ray": "2.60.0",
     "datasets": "5.2.0"
    },
-   "git": "d5b7e6f6149ccc5e03d2f7749390d1f3f8ac125b",
+   "git": "23fb9a3f81c8e9659459341415a0d26c436696fb+dirty",
    "machine": {
     "cpu": "Intel(R) Xeon(R) Processor",
     "cpu_count": 2,
@@ -3521,14 +3521,14 @@ window.qlsearchRecord({
     "peft": "0.21.2",
     "qlsearch": "0.1.0"
    },
-   "started_at": "2026-11-30T03:46:50.389236+00:00",
+   "started_at": "2026-11-30T04:09:35.172371+00:00",
    "precision": "mixed",
    "adapter_dtype": "float32",
    "compute_dtype": "float32",
    "targets": [
     "linear"
    ],
-   "duration_s": 17.151479244232178,
+   "duration_s": 20.806225299835205,
    "baseline": null
   }
  ]

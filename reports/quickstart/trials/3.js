@@ -9,11 +9,11 @@ window.qlsearchRecord({
  },
  "objectives": {
   "val_mse": 0.009550350019708276,
-  "forward_ms": 2.143526499366999,
+  "forward_ratio": 0.9957412660521734,
   "trainable_params": 32288.0
  },
  "failure": null,
- "trial_seconds": 35.604125022888184,
+ "trial_seconds": 50.7104389667511,
  "seeds": [
   {
    "status": "completed",
@@ -54,7 +54,7 @@ window.qlsearchRecord({
     "profile": true,
     "device": "auto",
     "cache_dir": "runs/cache",
-    "latency_cache": "/work/wt/int/runs/quickstart/latency"
+    "latency_cache": "/work/main/runs/quickstart/latency"
    },
    "seed": 0,
    "metrics": {
@@ -1689,54 +1689,54 @@ window.qlsearchRecord({
     "matmul_flops": 8208384,
     "peak_memory_bytes": null,
     "peak_memory_source": "not measured on CPU",
-    "forward_ms": 2.143526499366999,
+    "forward_ms": 2.2689074999107106,
     "forward_ms_spread": {
-     "min": 2.006073999837099,
-     "q25": 2.079808999951638,
-     "q75": 2.1668295000836224,
-     "max": 3.1318170003942214
+     "min": 2.1253380000416655,
+     "q25": 2.231170749382727,
+     "q75": 2.3275664993889222,
+     "max": 3.2704229997762013
     },
-    "forward_ratio": 0.9987294135015503,
+    "forward_ratio": 0.9957412660521734,
     "forward_ratio_spread": {
-     "min": 0.6694563626043323,
-     "q25": 0.9431750971578137,
-     "q75": 1.0218200118331022,
-     "max": 1.4599313534096807
+     "min": 0.8758371072637071,
+     "q25": 0.9605431020706865,
+     "q75": 1.0335300430270287,
+     "max": 1.436202644269698
     },
     "latency": {
-     "forward_ms": 2.143526499366999,
+     "forward_ms": 2.2689074999107106,
      "forward_ms_spread": {
-      "min": 2.006073999837099,
-      "q25": 2.079808999951638,
-      "q75": 2.1668295000836224,
-      "max": 3.1318170003942214
+      "min": 2.1253380000416655,
+      "q25": 2.231170749382727,
+      "q75": 2.3275664993889222,
+      "max": 3.2704229997762013
      },
-     "forward_ratio": 0.9987294135015503,
+     "forward_ratio": 0.9957412660521734,
      "forward_ratio_spread": {
-      "min": 0.6694563626043323,
-      "q25": 0.9431750971578137,
-      "q75": 1.0218200118331022,
-      "max": 1.4599313534096807
+      "min": 0.8758371072637071,
+      "q25": 0.9605431020706865,
+      "q75": 1.0335300430270287,
+      "max": 1.436202644269698
      },
-     "frozen_ms": 0.8037869997679081,
-     "reference_ms": 2.146253500086459,
-     "overhead_ms": 1.3397394995990908,
+     "frozen_ms": 0.8679714997015253,
+     "reference_ms": 2.278611500059924,
+     "overhead_ms": 1.4009360002091853,
      "batch": 64,
-     "forward_ms_per_example": 0.03349260155260936,
+     "forward_ms_per_example": 0.03545167968610485,
      "unit": "ms per forward of a batch of 64",
      "reference": "PEFT LoRA r=8 on the same targets",
      "form": "unmerged",
      "reference_form": "unmerged",
      "quiet": true,
-     "waited_s": 0.7040994879998834,
+     "waited_s": 1.9435278000000835,
      "repeats": 30,
      "warmup": 5,
      "threads": 1,
      "timer": "time.perf_counter",
      "statistic": "median over rounds; frozen, reference and configuration interleaved",
-     "started_at": 1796010405.1607368,
-     "seconds": 0.4560713768005371,
-     "key": "b358a94fadd71b1baae9",
+     "started_at": 1796011764.583631,
+     "seconds": 0.49017930030822754,
+     "key": "f9c6e1218566f7bb66b6",
      "cached": false
     }
    },
@@ -1750,7 +1750,7 @@ window.qlsearchRecord({
     "ray": "2.60.0",
     "datasets": "5.2.0"
    },
-   "git": "d5b7e6f6149ccc5e03d2f7749390d1f3f8ac125b",
+   "git": "23fb9a3f81c8e9659459341415a0d26c436696fb+dirty",
    "machine": {
     "cpu": "Intel(R) Xeon(R) Processor",
     "cpu_count": 2,
@@ -1763,14 +1763,14 @@ window.qlsearchRecord({
     "peft": "0.21.2",
     "qlsearch": "0.1.0"
    },
-   "started_at": "2026-11-30T03:46:30.082822+00:00",
+   "started_at": "2026-11-30T04:09:06.974657+00:00",
    "precision": "mixed",
    "adapter_dtype": "float32",
    "compute_dtype": "float32",
    "targets": [
     "linear"
    ],
-   "duration_s": 18.847358465194702,
+   "duration_s": 27.552905082702637,
    "baseline": null
   },
   {
@@ -1812,7 +1812,7 @@ window.qlsearchRecord({
     "profile": true,
     "device": "auto",
     "cache_dir": "runs/cache",
-    "latency_cache": "/work/wt/int/runs/quickstart/latency"
+    "latency_cache": "/work/main/runs/quickstart/latency"
    },
    "seed": 1,
    "metrics": {
@@ -3447,54 +3447,54 @@ window.qlsearchRecord({
     "matmul_flops": 8208384,
     "peak_memory_bytes": null,
     "peak_memory_source": "not measured on CPU",
-    "forward_ms": 2.143526499366999,
+    "forward_ms": 2.2689074999107106,
     "forward_ms_spread": {
-     "min": 2.006073999837099,
-     "q25": 2.079808999951638,
-     "q75": 2.1668295000836224,
-     "max": 3.1318170003942214
+     "min": 2.1253380000416655,
+     "q25": 2.231170749382727,
+     "q75": 2.3275664993889222,
+     "max": 3.2704229997762013
     },
-    "forward_ratio": 0.9987294135015503,
+    "forward_ratio": 0.9957412660521734,
     "forward_ratio_spread": {
-     "min": 0.6694563626043323,
-     "q25": 0.9431750971578137,
-     "q75": 1.0218200118331022,
-     "max": 1.4599313534096807
+     "min": 0.8758371072637071,
+     "q25": 0.9605431020706865,
+     "q75": 1.0335300430270287,
+     "max": 1.436202644269698
     },
     "latency": {
-     "forward_ms": 2.143526499366999,
+     "forward_ms": 2.2689074999107106,
      "forward_ms_spread": {
-      "min": 2.006073999837099,
-      "q25": 2.079808999951638,
-      "q75": 2.1668295000836224,
-      "max": 3.1318170003942214
+      "min": 2.1253380000416655,
+      "q25": 2.231170749382727,
+      "q75": 2.3275664993889222,
+      "max": 3.2704229997762013
      },
-     "forward_ratio": 0.9987294135015503,
+     "forward_ratio": 0.9957412660521734,
      "forward_ratio_spread": {
-      "min": 0.6694563626043323,
-      "q25": 0.9431750971578137,
-      "q75": 1.0218200118331022,
-      "max": 1.4599313534096807
+      "min": 0.8758371072637071,
+      "q25": 0.9605431020706865,
+      "q75": 1.0335300430270287,
+      "max": 1.436202644269698
      },
-     "frozen_ms": 0.8037869997679081,
-     "reference_ms": 2.146253500086459,
-     "overhead_ms": 1.3397394995990908,
+     "frozen_ms": 0.8679714997015253,
+     "reference_ms": 2.278611500059924,
+     "overhead_ms": 1.4009360002091853,
      "batch": 64,
-     "forward_ms_per_example": 0.03349260155260936,
+     "forward_ms_per_example": 0.03545167968610485,
      "unit": "ms per forward of a batch of 64",
      "reference": "PEFT LoRA r=8 on the same targets",
      "form": "unmerged",
      "reference_form": "unmerged",
      "quiet": true,
-     "waited_s": 0.7040994879998834,
+     "waited_s": 1.9435278000000835,
      "repeats": 30,
      "warmup": 5,
      "threads": 1,
      "timer": "time.perf_counter",
      "statistic": "median over rounds; frozen, reference and configuration interleaved",
-     "started_at": 1796010405.1607368,
-     "seconds": 0.4560713768005371,
-     "key": "b358a94fadd71b1baae9",
+     "started_at": 1796011764.583631,
+     "seconds": 0.49017930030822754,
+     "key": "f9c6e1218566f7bb66b6",
      "cached": true
     }
    },
@@ -3508,7 +3508,7 @@ window.qlsearchRecord({
     "ray": "2.60.0",
     "datasets": "5.2.0"
    },
-   "git": "d5b7e6f6149ccc5e03d2f7749390d1f3f8ac125b",
+   "git": "23fb9a3f81c8e9659459341415a0d26c436696fb+dirty",
    "machine": {
     "cpu": "Intel(R) Xeon(R) Processor",
     "cpu_count": 2,
@@ -3521,14 +3521,14 @@ window.qlsearchRecord({
     "peft": "0.21.2",
     "qlsearch": "0.1.0"
    },
-   "started_at": "2026-11-30T03:46:48.932662+00:00",
+   "started_at": "2026-11-30T04:09:34.530050+00:00",
    "precision": "mixed",
    "adapter_dtype": "float32",
    "compute_dtype": "float32",
    "targets": [
     "linear"
    ],
-   "duration_s": 16.75035524368286,
+   "duration_s": 23.15147566795349,
    "baseline": null
   }
  ]

@@ -9,11 +9,11 @@ window.qlsearchRecord({
  },
  "objectives": {
   "val_mse": 0.016488331370055676,
-  "forward_ms": 9.598570500656933,
+  "forward_ratio": 2.5911498029891393,
   "trainable_params": 33312.0
  },
  "failure": null,
- "trial_seconds": 52.50954246520996,
+ "trial_seconds": 78.34168601036072,
  "seeds": [
   {
    "status": "completed",
@@ -54,7 +54,7 @@ window.qlsearchRecord({
     "profile": true,
     "device": "auto",
     "cache_dir": "runs/cache",
-    "latency_cache": "/work/wt/int/runs/quickstart/latency"
+    "latency_cache": "/work/main/runs/quickstart/latency"
    },
    "seed": 0,
    "metrics": {
@@ -1689,54 +1689,54 @@ window.qlsearchRecord({
     "matmul_flops": 10242176,
     "peak_memory_bytes": null,
     "peak_memory_source": "not measured on CPU",
-    "forward_ms": 9.598570500656933,
+    "forward_ms": 8.614312499503285,
     "forward_ms_spread": {
-     "min": 5.261729999801901,
-     "q25": 9.357173999887891,
-     "q75": 11.122381499944822,
-     "max": 14.96496300023864
+     "min": 6.23628599987569,
+     "q25": 6.703550749762144,
+     "q75": 9.791136000558254,
+     "max": 13.239875999715878
     },
-    "forward_ratio": 2.227870987290624,
+    "forward_ratio": 2.5911498029891393,
     "forward_ratio_spread": {
-     "min": 1.8487560693297407,
-     "q25": 2.159205273227662,
-     "q75": 2.6739996234462913,
-     "max": 2.9060378890949794
+     "min": 1.6970743651864229,
+     "q25": 2.244534383650389,
+     "q75": 2.7473252203508216,
+     "max": 3.4099437251901246
     },
     "latency": {
-     "forward_ms": 9.598570500656933,
+     "forward_ms": 8.614312499503285,
      "forward_ms_spread": {
-      "min": 5.261729999801901,
-      "q25": 9.357173999887891,
-      "q75": 11.122381499944822,
-      "max": 14.96496300023864
+      "min": 6.23628599987569,
+      "q25": 6.703550749762144,
+      "q75": 9.791136000558254,
+      "max": 13.239875999715878
      },
-     "forward_ratio": 2.227870987290624,
+     "forward_ratio": 2.5911498029891393,
      "forward_ratio_spread": {
-      "min": 1.8487560693297407,
-      "q25": 2.159205273227662,
-      "q75": 2.6739996234462913,
-      "max": 2.9060378890949794
+      "min": 1.6970743651864229,
+      "q25": 2.244534383650389,
+      "q75": 2.7473252203508216,
+      "max": 3.4099437251901246
      },
-     "frozen_ms": 1.4921899996807042,
-     "reference_ms": 4.308404999846971,
-     "overhead_ms": 8.106380500976229,
+     "frozen_ms": 1.2084155000593455,
+     "reference_ms": 3.3245134995922854,
+     "overhead_ms": 7.405896999443939,
      "batch": 64,
-     "forward_ms_per_example": 0.14997766407276458,
+     "forward_ms_per_example": 0.13459863280473883,
      "unit": "ms per forward of a batch of 64",
      "reference": "PEFT LoRA r=8 on the same targets",
      "form": "unmerged",
      "reference_form": "unmerged",
      "quiet": true,
-     "waited_s": 1.6304622909992759,
+     "waited_s": 1.6606921439997677,
      "repeats": 30,
      "warmup": 5,
      "threads": 1,
      "timer": "time.perf_counter",
      "statistic": "median over rounds; frozen, reference and configuration interleaved",
-     "started_at": 1796010441.0543609,
-     "seconds": 0.7981107234954834,
-     "key": "93e8b27142d5dcea29ca",
+     "started_at": 1796011822.3564491,
+     "seconds": 0.6903023719787598,
+     "key": "8d6e1464544596cbfa46",
      "cached": false
     }
    },
@@ -1750,7 +1750,7 @@ window.qlsearchRecord({
     "ray": "2.60.0",
     "datasets": "5.2.0"
    },
-   "git": "d5b7e6f6149ccc5e03d2f7749390d1f3f8ac125b",
+   "git": "23fb9a3f81c8e9659459341415a0d26c436696fb+dirty",
    "machine": {
     "cpu": "Intel(R) Xeon(R) Processor",
     "cpu_count": 2,
@@ -1763,14 +1763,14 @@ window.qlsearchRecord({
     "peft": "0.21.2",
     "qlsearch": "0.1.0"
    },
-   "started_at": "2026-11-30T03:47:05.812532+00:00",
+   "started_at": "2026-11-30T04:09:56.180146+00:00",
    "precision": "mixed",
    "adapter_dtype": "float32",
    "compute_dtype": "float32",
    "targets": [
     "linear"
    ],
-   "duration_s": 27.43320894241333,
+   "duration_s": 45.48890519142151,
    "baseline": null
   },
   {
@@ -1812,7 +1812,7 @@ window.qlsearchRecord({
     "profile": true,
     "device": "auto",
     "cache_dir": "runs/cache",
-    "latency_cache": "/work/wt/int/runs/quickstart/latency"
+    "latency_cache": "/work/main/runs/quickstart/latency"
    },
    "seed": 1,
    "metrics": {
@@ -3447,54 +3447,54 @@ window.qlsearchRecord({
     "matmul_flops": 10242176,
     "peak_memory_bytes": null,
     "peak_memory_source": "not measured on CPU",
-    "forward_ms": 9.598570500656933,
+    "forward_ms": 8.614312499503285,
     "forward_ms_spread": {
-     "min": 5.261729999801901,
-     "q25": 9.357173999887891,
-     "q75": 11.122381499944822,
-     "max": 14.96496300023864
+     "min": 6.23628599987569,
+     "q25": 6.703550749762144,
+     "q75": 9.791136000558254,
+     "max": 13.239875999715878
     },
-    "forward_ratio": 2.227870987290624,
+    "forward_ratio": 2.5911498029891393,
     "forward_ratio_spread": {
-     "min": 1.8487560693297407,
-     "q25": 2.159205273227662,
-     "q75": 2.6739996234462913,
-     "max": 2.9060378890949794
+     "min": 1.6970743651864229,
+     "q25": 2.244534383650389,
+     "q75": 2.7473252203508216,
+     "max": 3.4099437251901246
     },
     "latency": {
-     "forward_ms": 9.598570500656933,
+     "forward_ms": 8.614312499503285,
      "forward_ms_spread": {
-      "min": 5.261729999801901,
-      "q25": 9.357173999887891,
-      "q75": 11.122381499944822,
-      "max": 14.96496300023864
+      "min": 6.23628599987569,
+      "q25": 6.703550749762144,
+      "q75": 9.791136000558254,
+      "max": 13.239875999715878
      },
-     "forward_ratio": 2.227870987290624,
+     "forward_ratio": 2.5911498029891393,
      "forward_ratio_spread": {
-      "min": 1.8487560693297407,
-      "q25": 2.159205273227662,
-      "q75": 2.6739996234462913,
-      "max": 2.9060378890949794
+      "min": 1.6970743651864229,
+      "q25": 2.244534383650389,
+      "q75": 2.7473252203508216,
+      "max": 3.4099437251901246
      },
-     "frozen_ms": 1.4921899996807042,
-     "reference_ms": 4.308404999846971,
-     "overhead_ms": 8.106380500976229,
+     "frozen_ms": 1.2084155000593455,
+     "reference_ms": 3.3245134995922854,
+     "overhead_ms": 7.405896999443939,
      "batch": 64,
-     "forward_ms_per_example": 0.14997766407276458,
+     "forward_ms_per_example": 0.13459863280473883,
      "unit": "ms per forward of a batch of 64",
      "reference": "PEFT LoRA r=8 on the same targets",
      "form": "unmerged",
      "reference_form": "unmerged",
      "quiet": true,
-     "waited_s": 1.6304622909992759,
+     "waited_s": 1.6606921439997677,
      "repeats": 30,
      "warmup": 5,
      "threads": 1,
      "timer": "time.perf_counter",
      "statistic": "median over rounds; frozen, reference and configuration interleaved",
-     "started_at": 1796010441.0543609,
-     "seconds": 0.7981107234954834,
-     "key": "93e8b27142d5dcea29ca",
+     "started_at": 1796011822.3564491,
+     "seconds": 0.6903023719787598,
+     "key": "8d6e1464544596cbfa46",
      "cached": true
     }
    },
@@ -3508,7 +3508,7 @@ window.qlsearchRecord({
     "ray": "2.60.0",
     "datasets": "5.2.0"
    },
-   "git": "d5b7e6f6149ccc5e03d2f7749390d1f3f8ac125b",
+   "git": "23fb9a3f81c8e9659459341415a0d26c436696fb+dirty",
    "machine": {
     "cpu": "Intel(R) Xeon(R) Processor",
     "cpu_count": 2,
@@ -3521,14 +3521,14 @@ window.qlsearchRecord({
     "peft": "0.21.2",
     "qlsearch": "0.1.0"
    },
-   "started_at": "2026-11-30T03:47:33.250164+00:00",
+   "started_at": "2026-11-30T04:10:41.673783+00:00",
    "precision": "mixed",
    "adapter_dtype": "float32",
    "compute_dtype": "float32",
    "targets": [
     "linear"
    ],
-   "duration_s": 25.066412210464478,
+   "duration_s": 32.83938765525818,
    "baseline": null
   }
  ]

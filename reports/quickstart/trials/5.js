@@ -9,11 +9,11 @@ window.qlsearchRecord({
  },
  "objectives": {
   "val_mse": 0.012646689545363188,
-  "forward_ms": 5.570054999679996,
+  "forward_ratio": 2.453375867074383,
   "trainable_params": 9096.0
  },
  "failure": null,
- "trial_seconds": 46.62092614173889,
+ "trial_seconds": 73.1848533153534,
  "seeds": [
   {
    "status": "completed",
@@ -54,7 +54,7 @@ window.qlsearchRecord({
     "profile": true,
     "device": "auto",
     "cache_dir": "runs/cache",
-    "latency_cache": "/work/wt/int/runs/quickstart/latency"
+    "latency_cache": "/work/main/runs/quickstart/latency"
    },
    "seed": 0,
    "metrics": {
@@ -1689,54 +1689,54 @@ window.qlsearchRecord({
     "matmul_flops": 5617184,
     "peak_memory_bytes": null,
     "peak_memory_source": "not measured on CPU",
-    "forward_ms": 5.570054999679996,
+    "forward_ms": 8.595184000114386,
     "forward_ms_spread": {
-     "min": 4.950668999299523,
-     "q25": 5.2958457497425115,
-     "q75": 6.530211249810236,
-     "max": 26.74140199997055
+     "min": 5.2791799998885836,
+     "q25": 6.286438749839363,
+     "q75": 11.014660000455478,
+     "max": 48.23866199967597
     },
-    "forward_ratio": 2.31732956383383,
+    "forward_ratio": 2.453375867074383,
     "forward_ratio_spread": {
-     "min": 1.5428494758927165,
-     "q25": 2.1155976231137323,
-     "q75": 2.4843848135676754,
-     "max": 7.010191904761389
+     "min": 1.7578975750012156,
+     "q25": 2.0851154433133523,
+     "q75": 2.8373872322482776,
+     "max": 11.898860350660149
     },
     "latency": {
-     "forward_ms": 5.570054999679996,
+     "forward_ms": 8.595184000114386,
      "forward_ms_spread": {
-      "min": 4.950668999299523,
-      "q25": 5.2958457497425115,
-      "q75": 6.530211249810236,
-      "max": 26.74140199997055
+      "min": 5.2791799998885836,
+      "q25": 6.286438749839363,
+      "q75": 11.014660000455478,
+      "max": 48.23866199967597
      },
-     "forward_ratio": 2.31732956383383,
+     "forward_ratio": 2.453375867074383,
      "forward_ratio_spread": {
-      "min": 1.5428494758927165,
-      "q25": 2.1155976231137323,
-      "q75": 2.4843848135676754,
-      "max": 7.010191904761389
+      "min": 1.7578975750012156,
+      "q25": 2.0851154433133523,
+      "q75": 2.8373872322482776,
+      "max": 11.898860350660149
      },
-     "frozen_ms": 0.9163129998341901,
-     "reference_ms": 2.4036525001065456,
-     "overhead_ms": 4.653741999845806,
+     "frozen_ms": 1.2340604998826166,
+     "reference_ms": 3.5034110001106455,
+     "overhead_ms": 7.36112350023177,
      "batch": 64,
-     "forward_ms_per_example": 0.08703210936999994,
+     "forward_ms_per_example": 0.1342997500017873,
      "unit": "ms per forward of a batch of 64",
      "reference": "PEFT LoRA r=8 on the same targets",
      "form": "unmerged",
      "reference_form": "unmerged",
      "quiet": true,
-     "waited_s": 0.8084219050006141,
+     "waited_s": 1.4291076810004597,
      "repeats": 30,
      "warmup": 5,
      "threads": 1,
      "timer": "time.perf_counter",
      "statistic": "median over rounds; frozen, reference and configuration interleaved",
-     "started_at": 1796010441.8584223,
-     "seconds": 0.7635312080383301,
-     "key": "749f64a4707a592d91f1",
+     "started_at": 1796011823.0577805,
+     "seconds": 0.839087963104248,
+     "key": "ab44a82dd944510ef72d",
      "cached": false
     }
    },
@@ -1750,7 +1750,7 @@ window.qlsearchRecord({
     "ray": "2.60.0",
     "datasets": "5.2.0"
    },
-   "git": "d5b7e6f6149ccc5e03d2f7749390d1f3f8ac125b",
+   "git": "23fb9a3f81c8e9659459341415a0d26c436696fb+dirty",
    "machine": {
     "cpu": "Intel(R) Xeon(R) Processor",
     "cpu_count": 2,
@@ -1763,14 +1763,14 @@ window.qlsearchRecord({
     "peft": "0.21.2",
     "qlsearch": "0.1.0"
    },
-   "started_at": "2026-11-30T03:47:07.654109+00:00",
+   "started_at": "2026-11-30T04:09:57.870343+00:00",
    "precision": "mixed",
    "adapter_dtype": "float32",
    "compute_dtype": "float32",
    "targets": [
     "linear"
    ],
-   "duration_s": 22.406562328338623,
+   "duration_s": 41.9953088760376,
    "baseline": null
   },
   {
@@ -1812,7 +1812,7 @@ window.qlsearchRecord({
     "profile": true,
     "device": "auto",
     "cache_dir": "runs/cache",
-    "latency_cache": "/work/wt/int/runs/quickstart/latency"
+    "latency_cache": "/work/main/runs/quickstart/latency"
    },
    "seed": 1,
    "metrics": {
@@ -3447,54 +3447,54 @@ window.qlsearchRecord({
     "matmul_flops": 5617184,
     "peak_memory_bytes": null,
     "peak_memory_source": "not measured on CPU",
-    "forward_ms": 5.570054999679996,
+    "forward_ms": 8.595184000114386,
     "forward_ms_spread": {
-     "min": 4.950668999299523,
-     "q25": 5.2958457497425115,
-     "q75": 6.530211249810236,
-     "max": 26.74140199997055
+     "min": 5.2791799998885836,
+     "q25": 6.286438749839363,
+     "q75": 11.014660000455478,
+     "max": 48.23866199967597
     },
-    "forward_ratio": 2.31732956383383,
+    "forward_ratio": 2.453375867074383,
     "forward_ratio_spread": {
-     "min": 1.5428494758927165,
-     "q25": 2.1155976231137323,
-     "q75": 2.4843848135676754,
-     "max": 7.010191904761389
+     "min": 1.7578975750012156,
+     "q25": 2.0851154433133523,
+     "q75": 2.8373872322482776,
+     "max": 11.898860350660149
     },
     "latency": {
-     "forward_ms": 5.570054999679996,
+     "forward_ms": 8.595184000114386,
      "forward_ms_spread": {
-      "min": 4.950668999299523,
-      "q25": 5.2958457497425115,
-      "q75": 6.530211249810236,
-      "max": 26.74140199997055
+      "min": 5.2791799998885836,
+      "q25": 6.286438749839363,
+      "q75": 11.014660000455478,
+      "max": 48.23866199967597
      },
-     "forward_ratio": 2.31732956383383,
+     "forward_ratio": 2.453375867074383,
      "forward_ratio_spread": {
-      "min": 1.5428494758927165,
-      "q25": 2.1155976231137323,
-      "q75": 2.4843848135676754,
-      "max": 7.010191904761389
+      "min": 1.7578975750012156,
+      "q25": 2.0851154433133523,
+      "q75": 2.8373872322482776,
+      "max": 11.898860350660149
      },
-     "frozen_ms": 0.9163129998341901,
-     "reference_ms": 2.4036525001065456,
-     "overhead_ms": 4.653741999845806,
+     "frozen_ms": 1.2340604998826166,
+     "reference_ms": 3.5034110001106455,
+     "overhead_ms": 7.36112350023177,
      "batch": 64,
-     "forward_ms_per_example": 0.08703210936999994,
+     "forward_ms_per_example": 0.1342997500017873,
      "unit": "ms per forward of a batch of 64",
      "reference": "PEFT LoRA r=8 on the same targets",
      "form": "unmerged",
      "reference_form": "unmerged",
      "quiet": true,
-     "waited_s": 0.8084219050006141,
+     "waited_s": 1.4291076810004597,
      "repeats": 30,
      "warmup": 5,
      "threads": 1,
      "timer": "time.perf_counter",
      "statistic": "median over rounds; frozen, reference and configuration interleaved",
-     "started_at": 1796010441.8584223,
-     "seconds": 0.7635312080383301,
-     "key": "749f64a4707a592d91f1",
+     "started_at": 1796011823.0577805,
+     "seconds": 0.839087963104248,
+     "key": "ab44a82dd944510ef72d",
      "cached": true
     }
    },
@@ -3508,7 +3508,7 @@ window.qlsearchRecord({
     "ray": "2.60.0",
     "datasets": "5.2.0"
    },
-   "git": "d5b7e6f6149ccc5e03d2f7749390d1f3f8ac125b",
+   "git": "23fb9a3f81c8e9659459341415a0d26c436696fb+dirty",
    "machine": {
     "cpu": "Intel(R) Xeon(R) Processor",
     "cpu_count": 2,
@@ -3521,14 +3521,14 @@ window.qlsearchRecord({
     "peft": "0.21.2",
     "qlsearch": "0.1.0"
    },
-   "started_at": "2026-11-30T03:47:30.064780+00:00",
+   "started_at": "2026-11-30T04:10:39.870276+00:00",
    "precision": "mixed",
    "adapter_dtype": "float32",
    "compute_dtype": "float32",
    "targets": [
     "linear"
    ],
-   "duration_s": 24.205492734909058,
+   "duration_s": 31.17686629295349,
    "baseline": null
   }
  ]
