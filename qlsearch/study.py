@@ -197,24 +197,11 @@ def _param(method: str, name: str, value) -> Param | None:
     return None  # a scalar: fixed
 
 
-def _check_names(entry, knobs: dict, where: str) -> None:
-    """Every name is a knob of the method or a training knob (``TRAIN_KNOBS``); a near miss is suggested."""
-    from difflib import get_close_matches
-
-    allowed = [*entry.knobs, *TRAIN_KNOBS]
-    for name in knobs:
-        if name not in allowed:
-            close = get_close_matches(name, allowed, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise _fail(f"{where}.{name}", f"not a knob of {entry.name}; allowed: "
-                        f"{', '.join(sorted(allowed))}.{hint}")
-
-
 def _space(method: str, table) -> MethodSpace:
     if not isinstance(table, dict):
         raise _fail(f"space.{method}", f"got {table!r}; allowed: a table of knobs")
     entry = get_method(method)
-    _check_names(entry, table, f"space.{method}")
+    entry.check_names(table, f"space.{method}", also=TRAIN_KNOBS)
     params, fixed = [], {}
     for name, value in table.items():
         param = _param(method, name, value)
@@ -263,7 +250,7 @@ def _baseline(i: int, table) -> Baseline:
         entry = get_method(method)
     except ValueError as err:
         raise _fail(f"{where}.method", str(err).removeprefix("method: ")) from None
-    _check_names(entry, knobs, f"{where}.knobs")
+    entry.check_names(knobs, f"{where}.knobs", also=TRAIN_KNOBS)
     entry.check_knobs({k: v for k, v in knobs.items() if k not in TRAIN_KNOBS}, f"{where}.knobs")
     return Baseline(method, knobs, table.get("label") or method)
 

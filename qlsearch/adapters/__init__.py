@@ -33,14 +33,20 @@ class Method:
     #: ``ValueError("<where>.<knob>: got ...; allowed: ...")``; None: names are checked only
     check: Callable[[dict, str], None] | None = None
 
-    def check_knobs(self, knobs: Mapping, where: str = "knobs") -> None:
-        """Every knob must be one of this method's (a near miss is suggested), then ``check``."""
-        for name in knobs:
-            if name not in self.knobs:
-                close = get_close_matches(name, list(self.knobs), n=1)
+    def check_names(self, names, where: str = "knobs", also: tuple[str, ...] = ()) -> None:
+        """Every name must be one of this method's knobs or of ``also`` (settings a study puts
+        beside them, e.g. ``lr``); a near miss is suggested."""
+        allowed = [*self.knobs, *also]
+        for name in names:
+            if name not in allowed:
+                close = get_close_matches(name, allowed, n=1)
                 hint = f" Did you mean {close[0]!r}?" if close else ""
                 raise ValueError(f"{where}.{name}: not a knob of {self.name}; allowed: "
-                                 f"{', '.join(sorted(self.knobs))}.{hint}")
+                                 f"{', '.join(sorted(allowed))}.{hint}")
+
+    def check_knobs(self, knobs: Mapping, where: str = "knobs") -> None:
+        """Every knob must be one of this method's (``check_names``), then ``check``."""
+        self.check_names(knobs, where)
         if self.check is not None:
             self.check(dict(knobs), where)
 
