@@ -98,3 +98,9 @@ def test_twin(metric: Metric) -> Metric | None:
     if metric.split != "val":
         return None
     return METRICS.get(metric.name.replace("val_", "test_", 1))
+
+
+def reported_beside(objectives: list[str]) -> list[str]:
+    """The ``test_*`` twins of the ``val_*`` objectives: shown beside them, never optimised."""
+    twins = [test_twin(METRICS[m]) for m in objectives if m in METRICS]
+    return [t.name for t in twins if t is not None and t.name not in objectives]

@@ -102,10 +102,10 @@ class StudySpace:
 
 def reported_metrics(study: Study) -> list[str]:
     """The objectives, then the ``test_*`` twin of each ``val_*`` objective (reported beside it)."""
-    from qlsearch.metrics import test_twin
+    from qlsearch.metrics import reported_beside
 
     names = [m.name for m in study.objectives]
-    return names + [t.name for m in study.objectives if (t := test_twin(m)) and t.name not in names]
+    return names + reported_beside(names)
 
 
 def aggregate(records: list[dict], metrics: list[str]) -> dict:

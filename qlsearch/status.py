@@ -50,14 +50,6 @@ def _latency(attrs: dict) -> dict | None:
     return {k: latency.get(k) for k in LATENCY_FIELDS} if latency else None
 
 
-def reported_beside(objectives: list[str]) -> list[str]:
-    """The ``test_*`` twins of the ``val_*`` objectives: shown beside them, never optimised."""
-    from qlsearch.metrics import METRICS, test_twin
-
-    twins = [test_twin(METRICS[m]) for m in objectives if m in METRICS]
-    return [t.name for t in twins if t is not None and t.name not in objectives]
-
-
 def _row(trial: optuna.trial.FrozenTrial, objectives: list[str], reported: list[str]) -> dict:
     attrs = trial.user_attrs
     complete = trial.state.name == "COMPLETE"
@@ -102,6 +94,8 @@ def method_budget(trials: list[dict]) -> dict[str, dict]:
 def study_status(ot_study) -> dict:
     """Trials, the front (Optuna's ``best_trials``), each method's budget and the sweeps' timing,
     as one JSON-able dict."""
+    from qlsearch.metrics import reported_beside
+
     objectives = ot_study.user_attrs.get("objectives") or [f"objective_{i}" for i in range(len(ot_study.directions))]
     reported = reported_beside(objectives)
     trials = ot_study.get_trials(deepcopy=False)
