@@ -9,7 +9,6 @@ git revision: nothing about a run lives only in a log.
 from __future__ import annotations
 
 import json
-import math
 import platform
 import subprocess
 import time
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from qlsearch.adapters import attach, get_method
+from qlsearch.adapters._knobs import NON_NEGATIVE, POSITIVE, check_values
 from qlsearch.profiling._quiet import quiet_device
 from qlsearch.profiling._settings import DTYPES
 from qlsearch.train import History, TrialDiverged
@@ -94,6 +94,11 @@ class TaskSpec:
                 raise ValueError(f"task.name: {str(err).removeprefix('task: ')}") from None
 
 
+#: The training settings a study may also set per method (``lr``, ...), declared once: TrainSpec
+#: and the study validation both check them here.
+TRAIN_KNOB_SPECS = {"lr": POSITIVE, "weight_decay": NON_NEGATIVE}
+
+
 @dataclass
 class TrainSpec:
     """Post-training settings; defaults are the paper's synthetic protocol, fewer epochs."""
@@ -123,10 +128,8 @@ class TrainSpec:
                 raise ValueError(f"train.{name}: got {value!r}; allowed: an integer >= 1")
         if self.patience is not None and not (isinstance(self.patience, int) and self.patience >= 1):
             raise ValueError(f"train.patience: got {self.patience!r}; allowed: an integer >= 1 (or leave it out)")
-        for name in ("lr", "pretrain_lr"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-                raise ValueError(f"train.{name}: got {value!r}; allowed: a number > 0")
+        check_values({"pretrain_lr": self.pretrain_lr}, {"pretrain_lr": POSITIVE}, "train")
+        check_values({k: getattr(self, k) for k in TRAIN_KNOB_SPECS}, TRAIN_KNOB_SPECS, "train")
 
 
 @dataclass

@@ -144,7 +144,7 @@ def bad(**changes):
         (bad(scheduler="hyperband"), r"study.scheduler: got 'hyperband'; allowed: none, asha"),
         (bad(sampler="cmaes"), r"study.sampler: got 'cmaes'; allowed: tpe, random, nsgaii, grid"),
         (bad(scheduler="asha", objectives=["forward_ms"]), r"asha stops trials on the first objective"),
-        (bad(resources={"gpus_per_trial": -1}), r"resources: .*gpus_per_trial >= 0"),
+        (bad(resources={"gpus_per_trial": -1}), r"resources.gpus_per_trial: got -1; allowed: a finite number >= 0"),
         (bad(resources={"gpu": 1}), r"resources.gpu: unknown field"),
         (bad(baselines=[{"method": "lora", "knobs": {"num_atoms": 4}}]), r"baselines\[0\].knobs.num_atoms: not a knob of lora"),
         (bad(baselines=[{"knobs": {}}]), r"baselines\[0\]: got .*method \(required\)"),

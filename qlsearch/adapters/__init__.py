@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from qlsearch._registry import Registry
+from qlsearch.adapters._knobs import AtMost, Knob, check_rules, check_values
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,12 @@ class Method:
     #: Table 6's columns: how the update depends on the input, and whether text steers it.
     routing: str = "No"
     instruction: bool = False
-    #: checks knob values (types, ranges) before a trial starts: ``check(knobs, where)`` raises
-    #: ``ValueError("<where>.<knob>: got ...; allowed: ...")``; None: names are checked only
+    #: what each knob accepts and the rules between knobs (``qlsearch.adapters._knobs``): the one
+    #: declaration the method's config and the study validation both check against
+    specs: Mapping[str, Knob] = field(default_factory=dict)
+    rules: tuple[AtMost, ...] = ()
+    #: a further check of a whole set of knobs (e.g. building PEFT's config with them):
+    #: ``check(knobs, where)`` raises ``ValueError("<where>...: ...; allowed: ...")``
     check: Callable[[dict, str], None] | None = None
 
     def check_names(self, names, where: str = "knobs", also: tuple[str, ...] = ()) -> None:
@@ -44,9 +49,16 @@ class Method:
                 raise ValueError(f"{where}.{name}: not a knob of {self.name}; allowed: "
                                  f"{', '.join(sorted(allowed))}.{hint}")
 
-    def check_knobs(self, knobs: Mapping, where: str = "knobs") -> None:
-        """Every knob must be one of this method's (``check_names``), then ``check``."""
+    def check_values(self, knobs: Mapping, where: str = "knobs") -> None:
+        """Names (``check_names``), then each value against its knob's spec, one at a time."""
         self.check_names(knobs, where)
+        check_values(knobs, self.specs, where)
+
+    def check_knobs(self, knobs: Mapping, where: str = "knobs") -> None:
+        """One whole configuration (knobs left out take their defaults): names, values,
+        the rules between knobs, then ``check``."""
+        self.check_values(knobs, where)
+        check_rules(knobs, self.rules, self.knobs, where)
         if self.check is not None:
             self.check(dict(knobs), where)
 

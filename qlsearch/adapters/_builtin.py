@@ -12,13 +12,26 @@ from collections.abc import Callable
 from torch import nn
 
 from qlsearch.adapters import Method, register
+from qlsearch.adapters._knobs import (
+    DROPOUT,
+    POSITIVE,
+    POSITIVE_INT,
+    TARGETS,
+    AtMost,
+    Knob,
+    knob_specs,
+)
 
 
-def _peft_method(name: str, config_name: str, defaults: dict, fields: dict, routing: str = "No",
-                 **fixed) -> Method:
-    """A registry entry that builds PEFT's ``config_name`` from our knobs (renamed by ``fields``)."""
+def _peft_method(name: str, config_name: str, defaults: dict, fields: dict, specs: dict,
+                 routing: str = "No", rules: tuple[AtMost, ...] = (), **fixed) -> Method:
+    """A registry entry that builds PEFT's ``config_name`` from our knobs (renamed by ``fields``).
 
-    def attach(model: nn.Module, **knobs) -> nn.Module:
+    ``specs`` declare our knobs (PEFT itself accepts, e.g., ``LoraConfig(r=0)``); the entry's
+    ``check`` then builds the PEFT config, so what PEFT refuses is refused before a trial runs.
+    """
+
+    def config(knobs: dict):
         import peft
 
         unknown = sorted(set(knobs) - set(defaults))
@@ -28,28 +41,45 @@ def _peft_method(name: str, config_name: str, defaults: dict, fields: dict, rout
         # None: every linear of the transformer blocks (the output head excluded), the
         # same set the queryable adapter adapts by default
         values["target_modules"] = values["target_modules"] or "all-linear"
-        config = getattr(peft, config_name)(**{fields.get(k, k): v for k, v in values.items()}, **fixed)
-        return peft.get_peft_model(model, config)
+        return getattr(peft, config_name)(**{fields.get(k, k): v for k, v in values.items()}, **fixed)
 
-    return Method(name, attach, f"{config_name} from PEFT", dict(defaults), routing)
+    def check(knobs: dict, where: str) -> None:
+        try:
+            config(knobs)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where}: PEFT's {config_name} refused {knobs}: {err}") from None
+
+    def attach(model: nn.Module, **knobs) -> nn.Module:
+        import peft
+
+        return peft.get_peft_model(model, config(knobs))
+
+    return Method(name, attach, f"{config_name} from PEFT", dict(defaults), routing, specs=specs,
+                  rules=rules, check=check)
 
 
 _LORA = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": None}
 _LORA_FIELDS = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
+_LORA_SPECS = {"r": POSITIVE_INT, "alpha": POSITIVE, "dropout": DROPOUT, "target_modules": TARGETS}
 
-register(_peft_method("lora", "LoraConfig", _LORA, _LORA_FIELDS))
-register(_peft_method("dora", "LoraConfig", _LORA, _LORA_FIELDS, use_dora=True))
+register(_peft_method("lora", "LoraConfig", _LORA, _LORA_FIELDS, _LORA_SPECS))
+register(_peft_method("dora", "LoraConfig", _LORA, _LORA_FIELDS, _LORA_SPECS, use_dora=True))
 # Lily: A shared by `stride_A` consecutive layers, `num_B` B experts shared by all layers of a
 # target type. Its router averages over batch and tokens: outputs depend on batch-mates.
 register(_peft_method("lily", "LilyConfig",
                       {"r": 8, "stride_A": 1, "num_B": 2, "scaling": 1.0, "target_modules": None}, {},
+                      {"r": POSITIVE_INT, "stride_A": POSITIVE_INT, "num_B": Knob(int, low=2),  # PEFT: >= 2
+                       "scaling": POSITIVE, "target_modules": TARGETS},
                       routing="Yes"))
 # VB-LoRA: vector_length must divide every adapted dimension; 64 divides all of Qwen2.5's
 # (896, 128, 4864), PEFT's default 256 does not.
 register(_peft_method("vblora", "VBLoRAConfig",
                       {"r": 4, "num_vectors": 256, "vector_length": 64, "topk": 2, "dropout": 0.0,
                        "target_modules": None},
-                      {"dropout": "vblora_dropout"}, routing="Shared bank"))
+                      {"dropout": "vblora_dropout"},
+                      {"r": POSITIVE_INT, "num_vectors": POSITIVE_INT, "vector_length": POSITIVE_INT,
+                       "topk": POSITIVE_INT, "dropout": DROPOUT, "target_modules": TARGETS},
+                      routing="Shared bank", rules=(AtMost("topk", "num_vectors"),)))
 
 
 def _queryable(defaults: dict) -> Callable[..., nn.Module]:
@@ -66,10 +96,17 @@ _QUERYABLE = {"r": 8, "alpha": 16, "num_atoms": 16, "top_k": 4, "num_blocks": 4,
 # The instruction variant is the same adapter with both language channels on.
 _INSTR = {**_QUERYABLE, "tau_lang": 1.0, "lambda_ctx": 1.0}
 
-register(Method("queryable", _queryable(_QUERYABLE),
-                "Queryable LoRA: routed r x r operator from a shared atom bank", _QUERYABLE, "Yes"))
-register(Method("instr-queryable", _queryable(_INSTR),
-                "Queryable LoRA with the instruction prior and query channel on", _INSTR, "Yes", True))
+
+def _queryable_entry(name: str, defaults: dict, summary: str, instruction: bool = False) -> Method:
+    from qlsearch.adapters.queryable.config import QueryableConfig
+
+    return Method(name, _queryable(defaults), summary, defaults, "Yes", instruction,
+                  specs=knob_specs(QueryableConfig), rules=QueryableConfig.RULES)
+
+
+register(_queryable_entry("queryable", _QUERYABLE, "Queryable LoRA: routed r x r operator from a shared atom bank"))
+register(_queryable_entry("instr-queryable", _INSTR,
+                          "Queryable LoRA with the instruction prior and query channel on", instruction=True))
 
 # Baselines without public reference code, implemented here from their papers
 # (assumptions in each package's docstrings and in baselines/<name>.toml).

@@ -2,9 +2,8 @@
 
 The knobs are the fields of the method's PEFT config dataclass, with PEFT's
 names and defaults (the fields every ``PeftConfig`` has, such as ``task_type``,
-are not knobs). Values are checked against the fields' type hints before a
-trial starts; PEFT's own ``__post_init__`` checks the rest when the config is
-built. Like every other method, ``target_modules`` unset means every linear
+are not knobs). Values are checked against the fields' type hints, then by
+building the config (PEFT's own ``__post_init__``), when the study is validated. Like every other method, ``target_modules`` unset means every linear
 of the transformer layers (PEFT's ``"all-linear"``); a trial names its targets.
 
 Decisions:
@@ -151,22 +150,26 @@ def peft_method(name: str) -> Method:
     defaults = _knobs(config_class)
     hints = typing.get_type_hints(config_class)
 
+    def config(knobs: dict):
+        values = {**defaults, **knobs}
+        if "target_modules" in values:
+            values["target_modules"] = values["target_modules"] or "all-linear"
+        return config_class(**values)
+
     def check(knobs: dict, where: str) -> None:
+        """The fields' type hints first (a clear ``allowed``), then PEFT's own ``__post_init__``."""
         for knob, value in knobs.items():
             if knob in hints and not fits(value, hints[knob]):
                 raise ValueError(f"{where}.{knob}: got {value!r}; allowed: {describe(hints[knob])} "
                                  f"({config_class.__name__}.{knob}, default {defaults[knob]!r})")
+        try:
+            config(knobs)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where}: {full} ({config_class.__name__}) refused {knobs}: {err}") from None
 
     def attach(model: nn.Module, **knobs) -> nn.Module:
         method.check_knobs(knobs, "knobs")
-        values = {**defaults, **knobs}
-        if "target_modules" in values:
-            values["target_modules"] = values["target_modules"] or "all-linear"
-        try:
-            config = config_class(**values)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"knobs: {full} ({config_class.__name__}) refused them: {err}") from None
-        return peft.get_peft_model(model, config)
+        return peft.get_peft_model(model, config(knobs))
 
     method = Method(full, attach, f"{config_class.__name__} from PEFT {peft.__version__}", defaults,
                     check=check)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -21,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from qlsearch.adapters import Method
+from qlsearch.adapters._knobs import AtMost, check_rules, check_values, knob_specs
 from qlsearch.adapters._precision import canonical_name
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -28,28 +28,24 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 
 class AdapterConfig:
-    """Mixin for a method's config dataclass: validation helper and JSON round trip."""
+    """Mixin for a method's config dataclass: validation from the declared knobs, JSON round trip.
 
-    def require(self, ok: bool, name: str, allowed: str) -> None:
-        """Raise the one clear error: ``field: got VALUE; allowed: ...``."""
-        if not ok:
-            raise ValueError(f"{name}: got {getattr(self, name)!r}; allowed: {allowed}")
+    Each field's ``metadata["knob"]`` (a ``Knob``) and the class's ``RULES`` are the one
+    declaration of what the method accepts; the registry entry (``registry_entry``) checks
+    a study's values against the same declaration before anything runs.
+    """
 
-    def require_lora_fields(self) -> None:
-        """Check the fields every LoRA-style config here has (``r``, ``alpha``, ``dropout``,
-        ``target_modules``); a single target name becomes a one-item list."""
-        r, alpha, dropout = self.r, self.alpha, self.dropout  # type: ignore[attr-defined]
-        self.require(is_positive_int(r), "r", "an integer >= 1")
-        self.require(isinstance(alpha, int | float) and math.isfinite(alpha) and alpha > 0, "alpha",
-                     "a finite number > 0")
-        self.require(isinstance(dropout, int | float) and 0.0 <= dropout < 1.0, "dropout", "a number in [0, 1)")
-        targets = self.target_modules  # type: ignore[attr-defined]
-        if isinstance(targets, str):
-            targets = [targets]
-        if targets is not None:
-            self.target_modules = targets = list(targets)
-        self.require(targets is None or (len(targets) > 0 and all(isinstance(t, str) and t for t in targets)),
-                     "target_modules", "None or a non-empty list of linear names")
+    RULES: ClassVar[tuple[AtMost, ...]] = ()
+
+    def __post_init__(self) -> None:
+        targets = getattr(self, "target_modules", None)
+        if isinstance(targets, str):  # one target name: a one-item list
+            self.target_modules = [targets]
+        elif isinstance(targets, tuple):
+            self.target_modules = list(targets)
+        values = {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+        check_values(values, knob_specs(type(self)))
+        check_rules(values, self.RULES, {})
 
     def to_dict(self) -> dict:
         return asdict(self)  # type: ignore[call-overload]
@@ -68,10 +64,6 @@ class AdapterConfig:
     @classmethod
     def load(cls, path: str | Path):
         return cls.from_dict(json.loads(Path(path).read_text()))
-
-
-def is_positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def matches(name: str, targets: Sequence[str]) -> bool:
@@ -246,7 +238,7 @@ class AdapterModel(nn.Module):
 
 def registry_entry(model_class: type[AdapterModel], summary: str, routing: str = "No") -> Method:
     """The registry line of a hand-written method: its knobs are its config's fields, with the
-    config's defaults; ``attach(model, **knobs)`` builds the config (unknown knobs: ``ValueError``)
+    config's defaults and declared specs and rules; ``attach(model, **knobs)`` builds the config (unknown knobs: ``ValueError``)
     and wraps ``model``, leaving only the adapter trainable.
 
     >>> METHOD = registry_entry(HyRAModel, "HyRA: ...", routing="Generated")
@@ -257,4 +249,5 @@ def registry_entry(model_class: type[AdapterModel], summary: str, routing: str =
         return model_class(model, config_class.from_dict(knobs))
 
     attach.__doc__ = f"``{model_class.__name__}(model, {config_class.__name__}(**knobs))``; unknown knobs raise ``ValueError``."
-    return Method(model_class.method, attach, summary, config_class().to_dict(), routing)
+    return Method(model_class.method, attach, summary, config_class().to_dict(), routing,
+                  specs=knob_specs(config_class), rules=config_class.RULES)

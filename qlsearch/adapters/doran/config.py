@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
+from qlsearch.adapters._knobs import POSITIVE, Knob
 from qlsearch.adapters.replora.config import RepLoRAConfig
 
 MAGNITUDE_INITS = ("norm", "norm_plus_tau")
@@ -24,13 +24,7 @@ class DoRANConfig(RepLoRAConfig):
     of a layer and, as it acts row by row, by all heads; one head per projection).
     """
 
-    tau_init: float = field(default=1e-3, metadata={"help": "initial noise in the denominator [tau] > 0"})
-    magnitude_init: str = field(default="norm", metadata={
+    tau_init: float = field(default=1e-3, metadata={"knob": POSITIVE, "help": "initial noise in the denominator [tau] > 0"})
+    magnitude_init: str = field(default="norm", metadata={"knob": Knob(str, choices=MAGNITUDE_INITS),
         "help": "'norm': m = ||W0|| (DoRA's; the output is W0 x scaled by ||W0||/(||W0||+tau) at init); "
                 "'norm_plus_tau': m = ||W0|| + tau (the output equals the base model's at init)"})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.require(isinstance(self.tau_init, int | float) and math.isfinite(self.tau_init) and self.tau_init > 0,
-                     "tau_init", "a finite number > 0")
-        self.require(self.magnitude_init in MAGNITUDE_INITS, "magnitude_init", ", ".join(MAGNITUDE_INITS))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from qlsearch.adapters._wrapper import AdapterConfig, is_positive_int
+from qlsearch.adapters._knobs import DROPOUT, POSITIVE, POSITIVE_INT, SEED, TARGETS, Knob
+from qlsearch.adapters._wrapper import AdapterConfig
 
 #: Attention projections adapted by default: Llama/Qwen2 spellings, then BERT's.
 #: ``attention.output.dense`` is BERT's O projection (its bare ``output.dense`` is the MLP's).
@@ -26,23 +27,15 @@ class HyRAConfig(AdapterConfig):
     a model without one (a plain MLP) needs it set.
     """
 
-    r: int = field(default=8, metadata={"help": "rank of each head's factors [r]"})
-    alpha: float = field(default=16.0, metadata={"help": "LoRA scale numerator [alpha]; the update is scaled by alpha/r"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input, in [0, 1)"})
-    embed_dim: int = field(default=16, metadata={"help": "width of each head's learnable embedding [d_e]"})
-    hidden_dim: int = field(default=8, metadata={"help": "hidden width of the shared hypernetwork [d_h]"})
-    num_heads: int | None = field(default=None, metadata={"help": "heads per adapted linear; None: from the model config"})
-    target_modules: list[str] | None = field(default=None, metadata={"help": "names (or name suffixes) of the linears to adapt; None: the attention projections q, k, v, o"})
-    seed: int | None = field(default=None, metadata={"help": "seed for the adapter's initialisation (None: the global RNG)"})
-
-    def __post_init__(self) -> None:
-        self.require_lora_fields()
-        for name in ("embed_dim", "hidden_dim"):
-            self.require(is_positive_int(getattr(self, name)), name, "an integer >= 1")
-        self.require(self.num_heads is None or is_positive_int(self.num_heads), "num_heads",
-                     "None or an integer >= 1")
+    r: int = field(default=8, metadata={"knob": POSITIVE_INT, "help": "rank of each head's factors [r]"})
+    alpha: float = field(default=16.0, metadata={"knob": POSITIVE, "help": "LoRA scale numerator [alpha]; the update is scaled by alpha/r"})
+    dropout: float = field(default=0.0, metadata={"knob": DROPOUT, "help": "dropout on the adapter input, in [0, 1)"})
+    embed_dim: int = field(default=16, metadata={"knob": POSITIVE_INT, "help": "width of each head's learnable embedding [d_e]"})
+    hidden_dim: int = field(default=8, metadata={"knob": POSITIVE_INT, "help": "hidden width of the shared hypernetwork [d_h]"})
+    num_heads: int | None = field(default=None, metadata={"knob": Knob(int, low=1, optional=True), "help": "heads per adapted linear; None: from the model config"})
+    target_modules: list[str] | None = field(default=None, metadata={"knob": TARGETS, "help": "names (or name suffixes) of the linears to adapt; None: the attention projections q, k, v, o"})
+    seed: int | None = field(default=None, metadata={"knob": SEED, "help": "seed for the adapter's initialisation (None: the global RNG)"})
 
     @property
     def scaling(self) -> float:
         return self.alpha / self.r
-

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
-from qlsearch.adapters._wrapper import AdapterConfig, is_positive_int
+from qlsearch.adapters._knobs import (
+    DROPOUT,
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    SEED,
+    TARGETS,
+    AtMost,
+)
+from qlsearch.adapters._wrapper import AdapterConfig
 
 
 @dataclass
@@ -24,32 +32,20 @@ class MoELoRAConfig(AdapterConfig):
     layers (every ``nn.Linear`` of a model without a layer list).
     """
 
-    r: int = field(default=8, metadata={"help": "rank of each expert [r]"})
-    alpha: float = field(default=16.0, metadata={"help": "LoRA scale numerator [alpha]; each expert is scaled by alpha/r"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout on the experts' input, in [0, 1)"})
-    num_experts: int = field(default=4, metadata={"help": "LoRA experts per adapted linear [E]"})
-    top_k: int = field(default=2, metadata={"help": "experts mixed per token [k], 1 <= k <= E"})
-    load_balance_weight: float = field(default=0.01, metadata={"help": "weight of the Switch load-balance loss E sum_i f_i P_i, >= 0"})
-    contrastive_weight: float = field(default=0.01, metadata={"help": "weight of the expert contrastive (InfoNCE) loss, >= 0"})
-    contrastive_temperature: float = field(default=0.1, metadata={"help": "temperature of the contrastive loss [tau] > 0"})
-    contrastive_tokens: int = field(default=256, metadata={"help": "most tokens per layer and forward the contrastive loss looks at (an evenly strided subset)"})
-    target_modules: list[str] | None = field(default=None, metadata={"help": "names (or name suffixes) of the linears to adapt; None: all linears of the layers"})
-    seed: int | None = field(default=None, metadata={"help": "seed for the adapter's initialisation (None: the global RNG)"})
+    r: int = field(default=8, metadata={"knob": POSITIVE_INT, "help": "rank of each expert [r]"})
+    alpha: float = field(default=16.0, metadata={"knob": POSITIVE, "help": "LoRA scale numerator [alpha]; each expert is scaled by alpha/r"})
+    dropout: float = field(default=0.0, metadata={"knob": DROPOUT, "help": "dropout on the experts' input, in [0, 1)"})
+    num_experts: int = field(default=4, metadata={"knob": POSITIVE_INT, "help": "LoRA experts per adapted linear [E]"})
+    top_k: int = field(default=2, metadata={"knob": POSITIVE_INT, "help": "experts mixed per token [k], 1 <= k <= E"})
+    load_balance_weight: float = field(default=0.01, metadata={"knob": NON_NEGATIVE, "help": "weight of the Switch load-balance loss E sum_i f_i P_i, >= 0"})
+    contrastive_weight: float = field(default=0.01, metadata={"knob": NON_NEGATIVE, "help": "weight of the expert contrastive (InfoNCE) loss, >= 0"})
+    contrastive_temperature: float = field(default=0.1, metadata={"knob": POSITIVE, "help": "temperature of the contrastive loss [tau] > 0"})
+    contrastive_tokens: int = field(default=256, metadata={"knob": POSITIVE_INT, "help": "most tokens per layer and forward the contrastive loss looks at (an evenly strided subset)"})
+    target_modules: list[str] | None = field(default=None, metadata={"knob": TARGETS, "help": "names (or name suffixes) of the linears to adapt; None: all linears of the layers"})
+    seed: int | None = field(default=None, metadata={"knob": SEED, "help": "seed for the adapter's initialisation (None: the global RNG)"})
 
-    def __post_init__(self) -> None:
-        self.require_lora_fields()
-        need = self.require
-        for name in ("num_experts", "contrastive_tokens"):
-            need(is_positive_int(getattr(self, name)), name, "an integer >= 1")
-        need(is_positive_int(self.top_k) and self.top_k <= self.num_experts, "top_k",
-             f"an integer with 1 <= top_k <= num_experts ({self.num_experts})")
-        for name in ("load_balance_weight", "contrastive_weight"):
-            v = getattr(self, name)
-            need(isinstance(v, int | float) and math.isfinite(v) and v >= 0, name, "a finite number >= 0")
-        t = self.contrastive_temperature
-        need(isinstance(t, int | float) and math.isfinite(t) and t > 0, "contrastive_temperature", "a finite number > 0")
+    RULES = (AtMost("top_k", "num_experts"),)
 
     @property
     def scaling(self) -> float:
         return self.alpha / self.r
-

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from qlsearch.adapters._wrapper import AdapterConfig, is_positive_int
+from qlsearch.adapters._knobs import DROPOUT, POSITIVE, POSITIVE_INT, SEED, TARGETS, Knob
+from qlsearch.adapters._wrapper import AdapterConfig
 
 #: The attention Q and V projections: Llama/Qwen2 spellings, then BERT's.
 DEFAULT_TARGETS = ("q_proj", "v_proj", "query", "value")
@@ -27,18 +28,13 @@ class RepLoRAConfig(AdapterConfig):
     projections of any shape (Q and V differ in ``d_out`` under GQA).
     """
 
-    r: int = field(default=8, metadata={"help": "LoRA rank [r]"})
-    alpha: float = field(default=16.0, metadata={"help": "LoRA scale numerator [alpha]; the update is scaled by alpha/r"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input, in [0, 1)"})
-    hidden: int = field(default=32, metadata={"help": "hidden width of the reparameterising MLP [h]"})
-    activation: str = field(default="gelu", metadata={"help": f"MLP nonlinearity [sigma], one of {ACTIVATIONS}"})
-    target_modules: list[str] | None = field(default=None, metadata={"help": "names (or name suffixes) of the linears to adapt; None: the attention Q and V projections"})
-    seed: int | None = field(default=None, metadata={"help": "seed for the adapter's initialisation (None: the global RNG)"})
-
-    def __post_init__(self) -> None:
-        self.require_lora_fields()
-        self.require(is_positive_int(self.hidden), "hidden", "an integer >= 1")
-        self.require(self.activation in ACTIVATIONS, "activation", ", ".join(ACTIVATIONS))
+    r: int = field(default=8, metadata={"knob": POSITIVE_INT, "help": "LoRA rank [r]"})
+    alpha: float = field(default=16.0, metadata={"knob": POSITIVE, "help": "LoRA scale numerator [alpha]; the update is scaled by alpha/r"})
+    dropout: float = field(default=0.0, metadata={"knob": DROPOUT, "help": "dropout on the adapter input, in [0, 1)"})
+    hidden: int = field(default=32, metadata={"knob": POSITIVE_INT, "help": "hidden width of the reparameterising MLP [h]"})
+    activation: str = field(default="gelu", metadata={"knob": Knob(str, choices=ACTIVATIONS), "help": f"MLP nonlinearity [sigma], one of {ACTIVATIONS}"})
+    target_modules: list[str] | None = field(default=None, metadata={"knob": TARGETS, "help": "names (or name suffixes) of the linears to adapt; None: the attention Q and V projections"})
+    seed: int | None = field(default=None, metadata={"knob": SEED, "help": "seed for the adapter's initialisation (None: the global RNG)"})
 
     @property
     def scaling(self) -> float:
