@@ -210,8 +210,14 @@ def _run_sweep(args: argparse.Namespace) -> int:
             raise UsageError(f"{study.path}: study {study.name!r} already has {len(ot_study.trials)} trials "
                              f"in {study.storage_url(args.root)}; pass --resume to continue it")
     for study, ot_study in zip(studies, opened, strict=True):
-        summary = run_sweep(study, root=args.root, address=args.address, num_cpus=args.num_cpus,
-                            verbose=not args.quiet)
+        note = study.budget().note
+        if note:
+            print(f"warning: {study.name}: {note}", file=sys.stderr)
+        try:
+            summary = run_sweep(study, root=args.root, address=args.address, num_cpus=args.num_cpus,
+                                verbose=not args.quiet)
+        except ValueError as err:  # what only the cluster can tell (e.g. GPUs asked where there are none)
+            raise UsageError(f"{study.path}: {err}") from err
         print(format_status(study_status(ot_study)))
         if summary["started"] == 0:
             print(f"{study.name}: nothing left to run, every trial has finished")
@@ -232,13 +238,25 @@ def _run_status(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from qlsearch.status import format_status, open_existing, study_status
-    from qlsearch.study import study_files
+    from qlsearch.study import check_name, study_files
 
+    path = Path(args.study)
+    if not (path.exists() or path.suffix == ".toml"):  # a study name: a folder under --root
+        try:
+            check_name(args.study, "study")
+        except ValueError as err:
+            raise UsageError(f"{err}, or a study file or folder of them") from err
     try:
         targets = [str(p) for p in study_files(args.study)] if Path(args.study).is_dir() else [args.study]
-        statuses = [study_status(open_existing(target, args.root)) for target in targets]
     except ValueError as err:
-        raise UsageError(str(err).removeprefix("STUDY: ")) from err
+        raise UsageError(str(err)) from err
+    statuses = []
+    for target in targets:
+        try:
+            statuses.append(study_status(open_existing(target, args.root)))
+        except ValueError as err:  # a study file's problem is named with the file, as sweep does
+            message = str(err).removeprefix("STUDY: ")
+            raise UsageError(f"{target}: {message}" if Path(target).is_file() else message) from err
     if args.json:
         print(json.dumps(statuses[0] if len(statuses) == 1 else statuses, indent=2))
     else:

@@ -39,10 +39,13 @@ import optuna
 from ray.tune.search.optuna import OptunaSearch
 
 from qlsearch._registry import plugin_modules
-from qlsearch.study import MethodSpace, Param, Study
+from qlsearch.study import LISTABLE, MethodSpace, Param, Study
 from qlsearch.trial import TrialConfig, run_trial, write_record
 
 INTERRUPTED = "interrupted: the sweep's driver stopped before this trial finished"
+#: The reason a sampled trial that repeats a configuration of the study is not run (status
+#: leaves these out of a method's budget).
+REPEAT = "repeat: trial {number} ran this configuration; not run again, an unrun one was queued instead"
 
 
 # ---- sampling ----------------------------------------------------------------------
@@ -145,7 +148,7 @@ def _asha_progress(study: Study, report):
 
 
 def run_configuration(config: dict, study: Study, record_dir: str, report=None,
-                      latency_cache: str | None = None) -> dict:
+                      latency_cache: str | None = None, cpu_fallback: str | None = None) -> dict:
     """Run ``config`` on every seed; returns the result Tune reports (objectives = means).
 
     ``latency`` in the result is the configuration's quiet latency measurement
@@ -154,6 +157,7 @@ def run_configuration(config: dict, study: Study, record_dir: str, report=None,
 
     With ``report`` (the ASHA scheduler), every evaluation also reports the primary
     objective so far, the other objectives as NaN, so the scheduler can stop it early.
+    ``cpu_fallback`` (why it runs on CPU although GPUs were asked) goes into every record.
     """
     import torch
 
@@ -169,6 +173,8 @@ def run_configuration(config: dict, study: Study, record_dir: str, report=None,
                             cache_dir=study.cache_dir, latency_cache=latency_cache)
         record = run_trial(trial, progress=progress)
         record["baseline"] = config.get("baseline")
+        if cpu_fallback:
+            record["cpu_fallback"] = cpu_fallback
         records.append(record)
         write_record(record, Path(record_dir) / f"seed{seed}.json")
         if record["status"] != "completed":
@@ -177,19 +183,20 @@ def run_configuration(config: dict, study: Study, record_dir: str, report=None,
     result = {"status": "failed" if failure else "completed", "failure": failure,
               "record_dir": record_dir, "trial_seconds": time.time() - started,
               "latency": next((r["profile"]["latency"] for r in records if "latency" in r["profile"]), None),
-              "seeds": [r["seed"] for r in records], **aggregate(records, reported_metrics(study))}
+              "seeds": [r["seed"] for r in records], "cpu_fallback": cpu_fallback,
+              **aggregate(records, reported_metrics(study))}
     if failure:
         result.update(dict.fromkeys(objectives, float("nan")))
     return result
 
 
-def _trainable(config: dict, study: Study, run_dir: str):
+def _trainable(config: dict, study: Study, run_dir: str, cpu_fallback: str | None = None):
     from ray import tune
 
     record_dir = Path(run_dir) / "trials" / tune.get_context().get_trial_id()
     report = tune.report if study.scheduler == "asha" else None
     tune.report(run_configuration(config, study, str(record_dir), report,
-                                  latency_cache=str(Path(run_dir) / "latency")))
+                                  latency_cache=str(Path(run_dir) / "latency"), cpu_fallback=cpu_fallback))
 
 
 # ---- the searcher: all Optuna writes, in the driver ----------------------------------
@@ -227,16 +234,38 @@ class StudySearch(OptunaSearch):
         samplers = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
                     "nsgaii": optuna.samplers.NSGAIISampler,
                     "grid": optuna.samplers.TPESampler}  # grid points are enqueued: never sampled
-        return cls(space=StudySpace(study), metric=[m.name for m in study.objectives],
-                   mode=["max" if m.higher_is_better else "min" for m in study.objectives],
-                   storage=storage, study_name=study.name, sampler=samplers[study.sampler](seed=seed))
+        search = cls(space=StudySpace(study), metric=[m.name for m in study.objectives],
+                     mode=["max" if m.higher_is_better else "min" for m in study.objectives],
+                     storage=storage, study_name=study.name, sampler=samplers[study.sampler](seed=seed))
+        search.study = study
+        return search
 
     def suggest(self, trial_id):
         config = super().suggest(trial_id)
-        if isinstance(config, dict):  # record the configuration now: a killed sweep can re-run it
-            for key in ("method", "knobs", "baseline"):
-                self._ot_trials[trial_id].set_user_attr(key, config.get(key))
+        if isinstance(config, dict):
+            ot_trial = self._ot_trials[trial_id]
+            repeat_of = self._repeat_of(ot_trial, config)
+            if repeat_of is not None:
+                replacement = unrun_configuration(self.study, self._ot_study, config["method"], ot_trial.number)
+                if replacement is not None:  # none left: the budget cap makes this rare; run it
+                    ot_trial.set_user_attr("failure", REPEAT.format(number=repeat_of))
+                    for key in ("method", "knobs"):
+                        ot_trial.set_user_attr(key, config[key])
+                    self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
+                    self._ot_study.enqueue_trial({}, user_attrs={"method": config["method"], "knobs": replacement,
+                                                                 "fixed": True})
+                    del self._ot_trials[trial_id]
+                    return self.suggest(trial_id)  # asks again: the queued configuration comes first
+            for key in ("method", "knobs", "baseline"):  # recorded now: a killed sweep can re-run it
+                ot_trial.set_user_attr(key, config.get(key))
         return config
+
+    def _repeat_of(self, ot_trial, config: dict) -> int | None:
+        """The trial that already has this sampled configuration (baselines, queued ones included)."""
+        if config.get("baseline") or ot_trial.user_attrs.get("fixed"):
+            return None
+        return _configurations(self.study, self._ot_study, ot_trial.number).get(
+            self.study.config_key(config["method"], config["knobs"]))
 
     def on_trial_complete(self, trial_id, result=None, error=False):
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
@@ -248,7 +277,8 @@ class StudySearch(OptunaSearch):
         ok = finished and all(isinstance(v, int | float) and math.isfinite(v) for v in values)
         attrs = {"status": result.get("status", "error"), "tune_trial_id": trial_id,
                  "record_dir": result.get("record_dir"), "trial_seconds": result.get("trial_seconds"),
-                 "latency": _nested(result, "latency"), "seeds": result.get("seeds")}
+                 "latency": _nested(result, "latency"), "seeds": result.get("seeds"),
+                 "cpu_fallback": result.get("cpu_fallback")}
         attrs.update({k: v for k, v in result.items() if k.endswith(("_std", "_seeds"))})
         # the test twins of val objectives: reported beside them, never told to Optuna
         attrs.update({k: v for k, v in result.items() if k.startswith("test_") and k not in self.metric})
@@ -263,6 +293,36 @@ class StudySearch(OptunaSearch):
         else:  # failed, diverged or stopped early: never a point of the front
             self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
         self._completed_trials.add(trial_id)
+
+
+def _configurations(study: Study, ot_study, but: int | None = None) -> dict:
+    """``Study.config_key`` → the number of the first trial with it: every configuration the study
+    ran, runs or has queued (an interrupted trial's is held by its retry); ``but`` left out."""
+    seen: dict = {}
+    for t in ot_study.get_trials(deepcopy=False):
+        attrs = t.user_attrs
+        if t.number != but and attrs.get("knobs") is not None and attrs.get("failure") != INTERRUPTED \
+                and not str(attrs.get("failure") or "").startswith("repeat:"):
+            seen.setdefault(study.config_key(attrs["method"], attrs["knobs"]), t.number)
+    return seen
+
+
+def unrun_configuration(study: Study, ot_study, method: str, number: int) -> dict | None:
+    """A configuration of ``method``'s space that the study has not run nor queued, chosen at
+    random (seeded by the trial ``number``); None when there is none, or the space is continuous."""
+    import random
+
+    space = next(s for s in study.spaces if s.method == method)
+    size = space.size()
+    if size is None:
+        return None
+    seen = _configurations(study, ot_study, number)
+    rng = random.Random(f"{study.name}|{number}")
+    if size <= LISTABLE:
+        left = [k for k in space.points() if study.config_key(method, k) not in seen]
+        return rng.choice(left) if left else None
+    draws = (space.random_point(rng) for _ in range(1000))
+    return next((k for k in draws if study.config_key(method, k) not in seen), None)
 
 
 # ---- preparing the study: resume, baselines ----------------------------------------
@@ -303,28 +363,31 @@ def prepare(ot_study, study: Study) -> int:
     for b in study.baselines:
         if b.label not in present:
             ot_study.enqueue_trial({}, user_attrs={"baseline": b.label, "method": b.method, "knobs": b.knobs})
+    budget = study.budget()  # capped at the distinct configurations (baselines not repeated)
+    if budget.note:
+        ot_study.set_user_attr("budget_note", budget.note)
     if study.sampler == "grid":  # enqueue the grid once, in a seeded order, up to the budget
         import random
 
-        points = study.grid()
+        known = _configurations(study, ot_study)
+        points = [p for p in study.grid() if study.config_key(*p) not in
+                  {study.config_key(b.method, b.knobs) for b in study.baselines}]
         random.Random(study.name).shuffle(points)
         if study.trials_per_method:
             points = [p for s in study.spaces for p in [q for q in points if q[0] == s.method][: study.trials_per_method]]
-        known = {(t.user_attrs.get("method"), repr(sorted((t.user_attrs.get("knobs") or {}).items())))
-                 for t in ot_study.get_trials(deepcopy=False) if not t.user_attrs.get("baseline")}
-        for method, knobs in points[: study.num_trials]:
-            if (method, repr(sorted(knobs.items()))) not in known:
+        for method, knobs in points[: budget.total]:
+            if study.config_key(method, knobs) not in known:
                 ot_study.enqueue_trial({}, user_attrs={"method": method, "knobs": knobs, "fixed": True})
     elif study.trials_per_method:  # the same number of slots for every searched method
         for space in study.spaces:
             used = sum(_counts_against_budget(t) for t in ot_study.get_trials(deepcopy=False)
                        if t.user_attrs.get("method") == space.method)
-            for _ in range(study.trials_per_method - used):
+            for _ in range(budget.per_method[space.method] - used):
                 ot_study.enqueue_trial({}, user_attrs={"method": space.method})
     trials = ot_study.get_trials(deepcopy=False)
     waiting = sum(t.state == State.WAITING for t in trials)
     searched = sum(_counts_against_budget(t) for t in trials)
-    remaining_searched = max(0, study.num_trials - searched) if study.spaces else 0
+    remaining_searched = max(0, budget.total - searched) if study.spaces else 0
     return waiting + remaining_searched
 
 
@@ -338,12 +401,22 @@ def _counts_against_budget(t) -> bool:
 # ---- the sweep ---------------------------------------------------------------------
 
 
-def _resources(study: Study) -> dict:
+def cpu_fallback(study: Study, gpus: float) -> str | None:
+    """Why trials run on CPU although the study asks for GPUs (``resources.cpu_fallback``), or
+    None when they get what they ask. Asking for GPUs where Ray sees none is an error otherwise:
+    the trials would run on CPU without a word (or, asked of Ray, stay PENDING forever)."""
+    asked = study.resources.gpus_per_trial
+    if not asked or gpus:
+        return None
+    if not study.resources.cpu_fallback:
+        raise ValueError(f"resources.gpus_per_trial: got {asked:g}, but Ray sees no GPU in this cluster; "
+                         "allowed: 0, a cluster with GPUs, or resources.cpu_fallback = true to run on CPU")
+    return f"resources.gpus_per_trial = {asked:g} but Ray saw no GPU: ran on CPU (resources.cpu_fallback = true)"
+
+
+def _resources(study: Study, gpus: float) -> dict:
     """Per-trial resources that this cluster can give: asking for a GPU where there is
     none would leave the trial PENDING forever."""
-    import ray
-
-    gpus = ray.cluster_resources().get("GPU", 0)
     resources = {"cpu": study.resources.cpus_per_trial}
     if gpus and study.resources.gpus_per_trial:
         resources["gpu"] = min(study.resources.gpus_per_trial, gpus)
@@ -378,6 +451,9 @@ def run_sweep(study: Study, root: str | Path = "runs", address: str | None = Non
         else:
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
     ray_ready = time.time()
+    gpus = ray.cluster_resources().get("GPU", 0)
+    fallback = cpu_fallback(study, gpus)
+    ot_study.set_user_attr("cpu_fallback", fallback)  # status and the report show it
     run_dir = study.run_dir(root).resolve()
     search = StudySearch.for_study(study, storage, seed=len(ot_study.trials))
     scheduler = None
@@ -388,8 +464,9 @@ def run_sweep(study: Study, root: str | Path = "runs", address: str | None = Non
         scheduler = ASHAScheduler(metric=primary.name, mode="max" if primary.higher_is_better else "min")
     lines = TrialLines([m.name for m in study.objectives], verbose=verbose)
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(_trainable, study=study, run_dir=str(run_dir)),
-                            _resources(study)),
+        tune.with_resources(tune.with_parameters(_trainable, study=study, run_dir=str(run_dir),
+                                                 cpu_fallback=fallback),
+                            _resources(study, gpus)),
         # reuse_actors: a trial's worker process (torch and the libraries already imported)
         # runs the next trial too, instead of a fresh process per trial
         tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=to_run,

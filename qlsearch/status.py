@@ -80,8 +80,8 @@ def method_budget(trials: list[dict]) -> dict[str, dict]:
     """
     budget: dict[str, dict] = {}
     for t in trials:
-        if (t["failure"] or "").startswith("interrupted:"):  # queued again (search.INTERRUPTED): counted there
-            continue
+        if (t["failure"] or "").startswith(("interrupted:", "repeat:")):  # queued again (search.INTERRUPTED,
+            continue  # search.REPEAT): counted there
         entry = budget.setdefault(t["baseline"] or t["method"] or "?",
                                   {"searched": not t["baseline"], "configurations": 0, "completed": 0, "seeds": 0})
         entry["configurations"] += 1
@@ -114,6 +114,10 @@ def study_status(ot_study) -> dict:
         "trials": rows,
         "front": [t.number for t in front],
         "sweeps": ot_study.user_attrs.get("sweeps", []),
+        # "budget 10**12 capped at 12 distinct configurations ..." (qlsearch.study.Study.budget)
+        "budget_note": ot_study.user_attrs.get("budget_note"),
+        # why trials ran on CPU although the study asks for GPUs (resources.cpu_fallback)
+        "cpu_fallback": ot_study.user_attrs.get("cpu_fallback"),
     }
 
 
@@ -149,6 +153,8 @@ def format_status(status: dict) -> str:
              "objectives: " + ", ".join(f"{o['metric']} ({o['direction']})" for o in status["objectives"])
              + (f"; reported beside them: {', '.join(reported)}" if reported else ""),
              f"budget (configurations per method): {format_budget(status.get('budget', {}))}",
+             *[f"{what}: {status[key]}" for key, what in (("budget_note", "note"), ("cpu_fallback", "resources"))
+               if status.get(key)],
              "values: mean ± std over the seeds (n)",
              ""]
     header = ["#", "state", "method", "n", *objectives, *reported, "xLoRA", "knobs / failure"]

@@ -607,38 +607,18 @@ def read_study_file(path: str | Path, _seen: tuple = ()) -> dict:
 
     A family of studies (one per function or task) then states only what differs.
     """
-    from qlsearch._toml import tomllib
+    from qlsearch._toml import read_toml
 
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"study file: {path} does not exist")
     if path.resolve() in _seen:
         raise ValueError(f"study file {path}: include loops back to itself")
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark some editors write: accepted
-    except UnicodeDecodeError as err:
-        raise ValueError(f"study file {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"study file {path}: {_toml_problem(text, err)}") from None
+    data = read_toml(path, "study file")
     include = data.pop("include", None)
     if include is None:
         return data
     if not isinstance(include, str):
         raise ValueError(f"study file {path}: include: got {include!r}; allowed: a path to a study file")
     return _merge(read_study_file(path.parent / include, (*_seen, path.resolve())), data)
-
-
-def _toml_problem(text: str, err) -> str:
-    """tomllib's message, with the key named when it is a duplicate (tomllib gives a line only)."""
-    message = str(err)
-    if "overwrite" not in message and "twice" not in message:
-        return f"not valid TOML ({message})"
-    line = text.splitlines()[err.lineno - 1] if getattr(err, "lineno", None) else ""
-    key = line.split("=", 1)[0].strip().strip("[]").strip() if line else "?"
-    return (f"duplicate key {key!r} (line {getattr(err, 'lineno', '?')}): a key is set twice in one table; "
-            "allowed: each key once (a study file's include is where values are overridden)")
 
 
 def load_study(path: str | Path) -> Study:

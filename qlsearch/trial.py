@@ -167,10 +167,9 @@ class TrialConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> TrialConfig:
-        from qlsearch._toml import tomllib
+        from qlsearch._toml import read_toml
 
-        with open(path, "rb") as fh:
-            return cls.from_dict(tomllib.load(fh))
+        return cls.from_dict(read_toml(path, "trial file"))
 
     def to_dict(self) -> dict:
         return asdict(self)

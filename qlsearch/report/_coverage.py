@@ -43,13 +43,17 @@ def _budget(data: StudyData) -> str:
 
 
 def coverage_rows(data: StudyData) -> list[tuple[str, str]]:
-    """Header rows: ``coverage``, ``budget per method`` and ``seeds``."""
+    """Header rows: ``coverage``, ``budget per method``, ``seeds``; ``budget cap`` and
+    ``resources`` when the budget was capped or the trials fell back to CPU."""
     seeds = data.study.seeds
     seed_note = ("one seed: no spread over seeds is known, so the only error bars are spreads a record "
                  "keeps itself (a latency's timing repeats)" if len(seeds) == 1 else
                  "error bars and ± are the standard deviation over these seeds")
-    return [
+    rows = [
         ("coverage", _grid_coverage(data)),
         ("budget per method", _budget(data)),
         ("seeds", f"{len(seeds)} ({', '.join(map(str, seeds))}); {seed_note}"),
     ]
+    cap = data.study.budget().note  # "budget 10**12 capped at 12 distinct configurations ..."
+    fallback = data.user_attrs.get("cpu_fallback")  # GPUs asked, Ray saw none, ran on CPU
+    return rows + [(what, text) for what, text in (("budget cap", cap), ("resources", fallback)) if text]
