@@ -372,7 +372,7 @@ def _param(where: str, value, spec: Knob | None) -> Param | None:
     return None  # a scalar: fixed
 
 
-def _space(method: str, table, train: TrainSpec) -> MethodSpace:
+def _space(method: str, table) -> MethodSpace:
     where = f"space.{method}"
     if not isinstance(table, dict):
         raise _fail(where, f"got {table!r}; allowed: a table of knobs")
@@ -519,7 +519,7 @@ def parse_study(data: dict, path: str | None = None) -> Study:
         except ValueError as err:
             raise _fail(f"space.{method}", str(err).removeprefix("method: ")) from None
     train = TrainSpec(**train_table)
-    spaces = [_space(method, table, train) for method, table in space_table.items()]
+    spaces = [_space(method, table) for method, table in space_table.items()]
     baseline_list = data.get("baselines", [])
     if not isinstance(baseline_list, list):
         raise _fail("study.baselines", f"got {baseline_list!r}; allowed: a list of tables ([[baselines]])")

@@ -43,7 +43,7 @@ def small_study(tmp: Path):
                                 "d_k": 8}},
         "seeds": [0, 1], "num_trials": 4,
         "baselines": [{"method": "lora", "knobs": {"r": 4}},
-                      {"method": "lora", "knobs": {"r": 4, "alpha": float("inf")}, "label": "lora-diverges"}],
+                      {"method": "lora", "knobs": {"r": 2, "lr": 1e30}, "label": "lora-diverges"}],
         "resources": {"cpus_per_trial": 1, "max_concurrent": 2},
         "cache_dir": str(tmp / "cache"),
     })
@@ -296,7 +296,7 @@ def test_page_data_is_generic_over_recorded_metrics(swept):
     assert "forward_ratio" in keys and "forward_ratio_std" not in keys
     single = next(r for r in blob["trials"] if r["number"] == one_seed.number)  # one seed: the record's std
     assert single["err"]["forward_ratio"] == [0.05, 0.05] and single["err_kind"]["forward_ratio"] == "recorded std"
-    json.dumps(blob, allow_nan=False)  # what JSON.parse reads: no NaN or Infinity (alpha = inf is a knob)
+    json.dumps(blob, allow_nan=False)  # what JSON.parse reads: no NaN or Infinity (a diverged trial has them)
 
 
 # ---- the page in a browser ------------------------------------------------------------------------
