@@ -257,6 +257,16 @@ def test_a_name_that_would_leave_the_root_is_refused_by_status(healthy, tmp_path
     assert tree(home) == before
 
 
+def test_a_bad_value_in_an_included_file_is_named(healthy, tmp_path, monkeypatch, capsys, no_ray):
+    home, root = healthy
+    monkeypatch.chdir(tmp_path)
+    write_study(tmp_path, "_parent", {"space": "[space.queryable]\nr = [2, 4]\ntop_k = 1\ntau_lang = -0.5"})
+    child = tmp_path / "child.toml"
+    child.write_text('include = "_parent.toml"\n[space.queryable]\nr = 4\n')
+    check_refused(capsys, home, root, ["sweep", str(child), "--resume", "--root", str(root)],
+                  r"space\.queryable\.tau_lang: got -0\.5; allowed: a finite number >= 0$", child)
+
+
 def test_a_byte_order_mark_is_accepted(tmp_path):
     from qlsearch.study import load_study
 

@@ -127,3 +127,6 @@ def test_gpus_asked_where_ray_sees_none(tmp_path, capsys):
     assert main(["status", "fallback", "--root", str(root)]) == 0
     text = capsys.readouterr().out
     assert f"resources: {reason}" in text and "note: budget 5 capped at 1 distinct configurations" in text
+    assert main(["report", str(allowed), "--root", str(root), "--out", str(tmp_path / "reports")]) == 0
+    page = (tmp_path / "reports" / "fallback" / "index.html").read_text()
+    assert "budget 5 capped at 1 distinct configurations" in page and reason in page
