@@ -272,8 +272,8 @@ class Study:
         note = ""
         if total < self.num_trials:
             counts = ", ".join(f"{m} {n}" for m, n in sizes.items())
-            note = (f"budget {self.num_trials} capped at {total} distinct configurations ({counts}; "
-                    "baselines excluded): a configuration never runs twice")
+            note = (f"budget {self.num_trials} capped at {total} distinct configurations ({counts}, "
+                    "a baseline's own configuration left out): a configuration never runs twice")
         return Budget(total, per, self.num_trials, note)
 
     def settings(self, knobs: dict) -> tuple[dict, TrainSpec]:
