@@ -238,8 +238,8 @@ class AdapterModel(nn.Module):
 
 def registry_entry(model_class: type[AdapterModel], summary: str, routing: str = "No") -> Method:
     """The registry line of a hand-written method: its knobs are its config's fields, with the
-    config's defaults and declared specs and rules; ``attach(model, **knobs)`` builds the config (unknown knobs: ``ValueError``)
-    and wraps ``model``, leaving only the adapter trainable.
+    config's defaults, knob specs and rules; ``attach(model, **knobs)`` builds the config
+    (unknown knobs: ``ValueError``) and wraps ``model``, leaving only the adapter trainable.
 
     >>> METHOD = registry_entry(HyRAModel, "HyRA: ...", routing="Generated")
     """
