@@ -223,8 +223,10 @@ class RetryingStorage(RDBStorage):
     when the stored state is the one asked for.
     """
 
-    def __init__(self, url: str, retry_seconds: float = DEFAULT_RETRY_SECONDS, **kwargs):
+    def __init__(self, url: str, retry_seconds: float = DEFAULT_RETRY_SECONDS, user_url: str | None = None,
+                 **kwargs):
         self.retry_seconds = retry_seconds
+        self.user_url = user_url or url  # as the user wrote it: what messages name
         super().__init__(url, **kwargs)
 
     def _with_retries(self, method, name, args, kwargs):
@@ -245,9 +247,9 @@ class RetryingStorage(RDBStorage):
                     raise
                 waited = time.monotonic() - started
                 if waited + delay > self.retry_seconds:
-                    raise unavailable(self.url, err, waited) from None
+                    raise unavailable(self.user_url, err, waited) from None
                 if failed is None:
-                    logger.warning("%s; retrying for up to %.0f s", unavailable(self.url, err), self.retry_seconds)
+                    logger.warning("%s; retrying for up to %.0f s", unavailable(self.user_url, err), self.retry_seconds)
                 failed = err
                 time.sleep(delay)
                 delay = min(2 * delay, 8.0)
@@ -270,7 +272,7 @@ def open_storage(url: str, retry_seconds: float = DEFAULT_RETRY_SECONDS, **kwarg
     if full.startswith("postgresql+psycopg"):  # an unknown or silent host fails, not hangs
         engine_kwargs.setdefault("connect_args", {"connect_timeout": 10})
     try:
-        return RetryingStorage(full, retry_seconds, engine_kwargs=engine_kwargs, **kwargs)
+        return RetryingStorage(full, retry_seconds, user_url=url, engine_kwargs=engine_kwargs, **kwargs)
     except Exception as err:
         from sqlalchemy.exc import SQLAlchemyError
 

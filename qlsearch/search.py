@@ -313,8 +313,11 @@ class StudySearch(OptunaSearch):
         # the test twins of val objectives: reported beside them, never told to Optuna
         attrs.update({k: v for k, v in result.items() if k.startswith("test_") and k not in self.metric})
         if not ok:  # failed, diverged or stopped early: never a point of the front
+            missing = [m for m, v in zip(self.metric, values, strict=True)
+                       if not (isinstance(v, int | float) and math.isfinite(v))]
             attrs["failure"] = result.get("failure") or (
-                "stopped early by the scheduler" if result and not finished and not error
+                f"finished without a finite value of {', '.join(missing)}" if finished
+                else "stopped early by the scheduler" if result and not error
                 else "the trial's worker raised; see the Ray Tune logs")
         return (values if ok else None), attrs
 
