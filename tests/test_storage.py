@@ -171,6 +171,15 @@ def test_plain_postgresql_url_maps_to_the_installed_driver():
     assert driver_url("postgresql+psycopg2://u:p@host/db") == "postgresql+psycopg2://u:p@host/db"
 
 
+def test_password_is_hidden_as_written_and_as_decoded():
+    from qlsearch._storage import hide_password, redact
+
+    url = "postgresql://me:p%40ss%2Fw0rd-42@db.example/studies"  # the password is "p@ss/w0rd-42"
+    assert hide_password(url) == "postgresql://me:***@db.example/studies"
+    assert redact("login p@ss/w0rd-42 failed for p%40ss%2Fw0rd-42", url) == "login *** failed for ***"
+    assert hide_password("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
+
+
 def test_pooled_connections_are_pinged_before_use(tmp_path):
     from qlsearch._storage import open_storage
 
