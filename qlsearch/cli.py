@@ -196,19 +196,23 @@ def _add_sweep(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
+    from qlsearch._storage import check_storage, hide_password
     from qlsearch.search import open_study, run_sweep
     from qlsearch.status import format_status, study_status
     from qlsearch.study import load_study, study_files
 
     try:
         studies = [load_study(path) for path in study_files(args.study)]
+        for study in studies:  # every storage URL checked before any storage is created
+            if study.storage:
+                check_storage(study.storage)
         opened = [open_study(study, args.root)[0] for study in studies]
     except ValueError as err:
         raise UsageError(f"{args.study}: {err}") from err
     for study, ot_study in zip(studies, opened, strict=True):
         if ot_study.trials and not args.resume:
             raise UsageError(f"{study.path}: study {study.name!r} already has {len(ot_study.trials)} trials "
-                             f"in {study.storage_url(args.root)}; pass --resume to continue it")
+                             f"in {hide_password(study.storage_url(args.root))}; pass --resume to continue it")
     for study, ot_study in zip(studies, opened, strict=True):
         note = study.budget().note
         if note:
@@ -374,6 +378,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except UsageError as err:
         args.parser.error(str(err))  # prints the subcommand's usage and the message; exits 2
+    except Exception as err:
+        from qlsearch._storage import StorageUnavailable
+
+        if not isinstance(err, StorageUnavailable):
+            raise
+        # the database, not the input: one line (storage, password hidden, the cause), no usage
+        print(f"qlsearch {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

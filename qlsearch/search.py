@@ -15,6 +15,13 @@
 * Equal budgets: with ``trials_per_method`` every searched method gets that many
   slots, enqueued as trials that name the method and let the sampler choose its
   knobs (``StudySpace``).
+* Storage outages (qlsearch/_storage.py): every storage call is retried for the study's
+  ``storage_retry_seconds``; a result that still cannot be stored is kept on disk
+  (``<run>/unstored/<trial number>.json``, beside its records), the sweep starts no new
+  trial and ends with one line naming the storage and the cause, and the next sweep
+  (``--resume``) stores those results first. A finished trial is never told FAIL for it.
+* Secrets: the storage URL (its password) stays in the driver's memory. What Tune pickles
+  (the searcher's checkpoints, ``tuner.pkl``) and what the workers receive leave it out.
 * Resume: finished trials (COMPLETE/FAIL) are never run again; trials left
   RUNNING by a killed driver are marked FAIL ("interrupted") and their
   configuration is enqueued again; the sweep runs what is left of the budget.
@@ -31,14 +38,26 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from qlsearch._registry import plugin_modules
+from qlsearch._storage import (
+    StorageUnavailable,
+    check_storage,
+    hide_password,
+    keep_unstored,
+    open_storage,
+    record_outcome,
+    resubmit_unstored,
+)
 from qlsearch.study import LISTABLE, MethodSpace, Param, Study
 from qlsearch.trial import TrialConfig, run_trial, write_record
 
@@ -170,7 +189,7 @@ def run_configuration(config: dict, study: Study, record_dir: str, report=None,
     for seed in study.seeds:
         trial = TrialConfig(method=config["method"], knobs=dict(knobs), task=study.task,
                             train=train, seed=seed, profile=study.profile,
-                            cache_dir=study.cache_dir, latency_cache=latency_cache)
+                            cache_dir=str(study.cache_path()), latency_cache=latency_cache)
         record = run_trial(trial, progress=progress)
         record["baseline"] = config.get("baseline")
         if cpu_fallback:
@@ -223,12 +242,19 @@ class StudySearch(OptunaSearch):
     and never leaves an Optuna trial RUNNING: anything but a completed trial with finite
     objectives is told as FAIL, with its reason.
 
+    When the storage stays unreachable (``StorageUnavailable``, after its retries) it
+    keeps each result in ``unstored_dir``, suggests nothing more, and holds the error in
+    ``outage`` for the driver to report.
+
     It relies on ``OptunaSearch``'s ``_ot_trials``/``_ot_study``/``_completed_trials``;
     tests/test_search.py checks this against the installed Ray.
     """
 
+    #: what Tune must not pickle: the storage and everything that holds it (its URL has the password)
+    _UNPICKLED = ("_storage", "_ot_study", "_ot_trials")
+
     @classmethod
-    def for_study(cls, study: Study, storage, seed: int) -> StudySearch:
+    def for_study(cls, study: Study, storage, seed: int, unstored_dir: str | Path) -> StudySearch:
         """``seed`` should differ between sweeps of one study (e.g. its trial count), so a
         resumed sweep does not draw the same random start-up points again."""
         samplers = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
@@ -237,28 +263,57 @@ class StudySearch(OptunaSearch):
         search = cls(space=StudySpace(study), metric=[m.name for m in study.objectives],
                      mode=["max" if m.higher_is_better else "min" for m in study.objectives],
                      storage=storage, study_name=study.name, sampler=samplers[study.sampler](seed=seed))
+        search.unstored_dir, search.outage = Path(unstored_dir), None
         search.study = study
         return search
 
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in self._UNPICKLED}
+
+    def save(self, checkpoint_path: str):  # OptunaSearch.save pickles __dict__ whole
+        with open(checkpoint_path, "wb") as fh:
+            pickle.dump(self.__getstate__(), fh)
+
     def suggest(self, trial_id):
-        config = super().suggest(trial_id)
-        if isinstance(config, dict):
-            ot_trial = self._ot_trials[trial_id]
-            repeat_of = self._repeat_of(ot_trial, config)
-            if repeat_of is not None:
-                replacement = unrun_configuration(self.study, self._ot_study, config["method"], ot_trial.number)
-                if replacement is not None:  # none left: the budget cap makes this rare; run it
-                    ot_trial.set_user_attr("failure", REPEAT.format(number=repeat_of))
-                    for key in ("method", "knobs"):
-                        ot_trial.set_user_attr(key, config[key])
-                    self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
-                    self._ot_study.enqueue_trial({}, user_attrs={"method": config["method"], "knobs": replacement,
-                                                                 "fixed": True})
-                    del self._ot_trials[trial_id]
-                    return self.suggest(trial_id)  # asks again: the queued configuration comes first
-            for key in ("method", "knobs", "baseline"):  # recorded now: a killed sweep can re-run it
-                ot_trial.set_user_attr(key, config.get(key))
+        if self.outage is not None:
+            return Searcher.FINISHED
+        try:
+            config = super().suggest(trial_id)
+            if isinstance(config, dict):
+                config = self._unless_repeat(trial_id, config)
+            if isinstance(config, dict):  # record the configuration now: a killed sweep can re-run it
+                for key in ("method", "knobs", "baseline"):
+                    self._ot_trials[trial_id].set_user_attr(key, config.get(key))
+        except StorageUnavailable as err:  # start nothing more; what runs still finishes
+            self.outage = err
+            return Searcher.FINISHED
         return config
+
+    def on_trial_result(self, trial_id, result):
+        if self.outage is None:
+            try:
+                super().on_trial_result(trial_id, result)
+            except StorageUnavailable as err:
+                self.outage = err
+
+    def _unless_repeat(self, trial_id, config: dict):
+        """``config``, or, when the sampler repeated a configuration the study already has, the
+        answer to asking again after an unrun configuration is queued in its place."""
+        ot_trial = self._ot_trials[trial_id]
+        repeat_of = self._repeat_of(ot_trial, config)
+        if repeat_of is None:
+            return config
+        replacement = unrun_configuration(self.study, self._ot_study, config["method"], ot_trial.number)
+        if replacement is None:  # none left: the budget cap makes this rare; run it
+            return config
+        ot_trial.set_user_attr("failure", REPEAT.format(number=repeat_of))
+        for key in ("method", "knobs"):
+            ot_trial.set_user_attr(key, config[key])
+        self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
+        self._ot_study.enqueue_trial({}, user_attrs={"method": config["method"], "knobs": replacement,
+                                                     "fixed": True})
+        del self._ot_trials[trial_id]
+        return super().suggest(trial_id)  # asks again: the queued configuration comes first
 
     def _repeat_of(self, ot_trial, config: dict) -> int | None:
         """The trial that already has this sampled configuration (baselines, queued ones included)."""
@@ -271,6 +326,18 @@ class StudySearch(OptunaSearch):
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
         ot_trial = self._ot_trials[trial_id]
+        values, attrs = self._outcome(trial_id, result, error)
+        self._completed_trials.add(trial_id)
+        if self.outage is None:
+            try:
+                record_outcome(self._ot_study, ot_trial.number, values, attrs)
+                return
+            except StorageUnavailable as err:
+                self.outage = err
+        keep_unstored(self.unstored_dir, ot_trial.number, values, attrs)
+
+    def _outcome(self, trial_id, result: dict | None, error: bool) -> tuple[list | None, dict]:
+        """The objective values (None: the trial is told FAIL) and the user attrs to record."""
         result = result or {}
         values = [result.get(m) for m in self.metric]
         finished = result.get("status") == "completed"
@@ -282,17 +349,14 @@ class StudySearch(OptunaSearch):
         attrs.update({k: v for k, v in result.items() if k.endswith(("_std", "_seeds"))})
         # the test twins of val objectives: reported beside them, never told to Optuna
         attrs.update({k: v for k, v in result.items() if k.startswith("test_") and k not in self.metric})
-        if not ok:
+        if not ok:  # failed, diverged or stopped early: never a point of the front
+            missing = [m for m, v in zip(self.metric, values, strict=True)
+                       if not (isinstance(v, int | float) and math.isfinite(v))]
             attrs["failure"] = result.get("failure") or (
-                "stopped early by the scheduler" if result and not finished and not error
+                f"finished without a finite value of {', '.join(missing)}" if finished
+                else "stopped early by the scheduler" if result and not error
                 else "the trial's worker raised; see the Ray Tune logs")
-        for key, value in attrs.items():
-            ot_trial.set_user_attr(key, value)
-        if ok:
-            self._ot_study.tell(ot_trial, values)
-        else:  # failed, diverged or stopped early: never a point of the front
-            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
-        self._completed_trials.add(trial_id)
+        return (values if ok else None), attrs
 
 
 def _configurations(study: Study, ot_study, but: int | None = None) -> dict:
@@ -329,9 +393,16 @@ def unrun_configuration(study: Study, ot_study, method: str, number: int) -> dic
 
 
 def open_study(study: Study, root: str | Path = "runs"):
-    """The Optuna study (created on first use) and its storage."""
-    study.run_dir(root).mkdir(parents=True, exist_ok=True)
-    storage = optuna.storages.RDBStorage(study.storage_url(root))
+    """The Optuna study (created on first use) and its storage.
+
+    A storage URL the study names is checked before anything is written; the default
+    SQLite file needs the run folder, which is created first.
+    """
+    if study.storage:
+        check_storage(study.storage)
+    else:
+        study.run_dir(root).mkdir(parents=True, exist_ok=True)
+    storage = open_storage(study.storage_url(root), study.storage_retry_seconds)
     ot_study = optuna.create_study(storage=storage, study_name=study.name, load_if_exists=True,
                                    directions=study.directions)
     objectives = [m.name for m in study.objectives]
@@ -433,9 +504,11 @@ def run_sweep(study: Study, root: str | Path = "runs", address: str | None = Non
 
     started = time.time()
     ot_study, storage = open_study(study, root)
+    run_dir = study.run_dir(root).resolve()
+    resubmit_unstored(ot_study, run_dir / "unstored")  # results an outage kept on disk, first
     to_run = prepare(ot_study, study)
     storage_ready = time.time()
-    summary = {"study": study.name, "storage": study.storage_url(root), "started": to_run}
+    summary = {"study": study.name, "storage": hide_password(study.storage_url(root)), "started": to_run}
     if to_run == 0:
         summary.update(wall_seconds=time.time() - started, trial_seconds=0.0)
         return summary
@@ -454,8 +527,9 @@ def run_sweep(study: Study, root: str | Path = "runs", address: str | None = Non
     gpus = ray.cluster_resources().get("GPU", 0)
     fallback = cpu_fallback(study, gpus)
     ot_study.set_user_attr("cpu_fallback", fallback)  # status and the report show it
-    run_dir = study.run_dir(root).resolve()
-    search = StudySearch.for_study(study, storage, seed=len(ot_study.trials))
+    search = StudySearch.for_study(study, storage, seed=len(ot_study.trials), unstored_dir=run_dir / "unstored")
+    # what the workers get (Tune pickles it into its files): no password, one cache for every trial
+    worker_study = replace(study, storage=hide_password(study.storage), cache_dir=str(study.cache_path(root)))
     scheduler = None
     if study.scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler
@@ -464,7 +538,7 @@ def run_sweep(study: Study, root: str | Path = "runs", address: str | None = Non
         scheduler = ASHAScheduler(metric=primary.name, mode="max" if primary.higher_is_better else "min")
     lines = TrialLines([m.name for m in study.objectives], verbose=verbose)
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(_trainable, study=study, run_dir=str(run_dir),
+        tune.with_resources(tune.with_parameters(_trainable, study=worker_study, run_dir=str(run_dir),
                                                  cpu_fallback=fallback),
                             _resources(study, gpus)),
         # reuse_actors: a trial's worker process (torch and the libraries already imported)
@@ -478,6 +552,11 @@ def run_sweep(study: Study, root: str | Path = "runs", address: str | None = Non
     )
     fit_started = time.time()
     tuner.fit()
+    if search.outage is not None:
+        kept = sorted(p.name for p in (run_dir / "unstored").glob("*.json"))
+        raise StorageUnavailable(f"{search.outage}; the sweep stopped"
+                                 + (f", {len(kept)} finished result(s) kept in {run_dir / 'unstored'}" if kept else "")
+                                 + "; once the storage is back, run the sweep again with --resume")
     ended = time.time()
     wall, busy = ended - started, lines.busy_seconds()
     parts = {"storage_seconds": storage_ready - started, "ray_start_seconds": ray_ready - storage_ready,

@@ -20,23 +20,33 @@ def overhead_breakdown(sweep: dict) -> str:
 
 
 def open_existing(study_or_name: str, root: str | Path = "runs"):
-    """An existing Optuna study from a study file (its storage) or a name under ``root``."""
+    """An existing Optuna study from a study file (its storage) or a name under ``root``.
+
+    Messages name the storage without its password; nothing is created.
+    """
+    from qlsearch._paths import inside
+    from qlsearch._storage import check_storage, hide_password, open_storage
     from qlsearch.study import load_study
 
     if study_or_name.endswith(".toml") or Path(study_or_name).is_file():
         study = load_study(study_or_name)
         name, url = study.name, study.storage_url(root)
+        if study.storage:
+            check_storage(url)
+        elif not Path(url.removeprefix("sqlite:///")).is_file():  # the default SQLite file: never create it
+            raise ValueError(f"STUDY: study {name!r} has not run under {root}/ (no {url.removeprefix('sqlite:///')}); "
+                             "give the --root it ran under")
     else:
         name = study_or_name
-        path = Path(root) / name / "study.db"
+        path = inside(root, name, what="STUDY") / "study.db"
         if not path.is_file():
             raise ValueError(f"STUDY: no study {name!r} under {root}/ (looked for {path}); "
                              "give its study file, or the --root it ran under")
         url = f"sqlite:///{path.resolve()}"
     try:
-        return optuna.load_study(study_name=name, storage=url)
+        return optuna.load_study(study_name=name, storage=open_storage(url))
     except KeyError:
-        raise ValueError(f"STUDY: {url} holds no study named {name!r}") from None
+        raise ValueError(f"STUDY: {hide_password(url)} holds no study named {name!r}") from None
 
 
 #: A trial's quiet latency measurement as status shows it (qlsearch/profiling/_latency.py):

@@ -238,7 +238,10 @@ class Study:
     max_retries: int = 0  # re-runs of a trial whose worker crashed (a trial's own failure is final)
     profile: bool = True
     description: str = ""
-    cache_dir: str = "runs/cache"
+    #: the backbone pre-training cache; None: ``<root>/cache``; a relative path is under the root
+    cache_dir: str | None = None
+    #: how long a sweep retries an unreachable storage before it stops (its results kept on disk)
+    storage_retry_seconds: float = 60.0
     path: str | None = None
 
     def grid(self) -> list[tuple[str, dict]]:
@@ -293,7 +296,13 @@ class Study:
         return [m.direction for m in self.objectives]
 
     def run_dir(self, root: str | Path = "runs") -> Path:
-        return Path(root) / self.name
+        from qlsearch._paths import inside
+
+        return inside(root, self.name, what="study.name")
+
+    def cache_path(self, root: str | Path = "runs") -> Path:
+        """The pre-training cache, absolute: Ray's trial workers run in other folders."""
+        return (Path(root) / (self.cache_dir or "cache")).resolve()
 
     def storage_url(self, root: str | Path = "runs") -> str:
         return self.storage or f"sqlite:///{(self.run_dir(root) / 'study.db').resolve()}"
@@ -301,6 +310,7 @@ class Study:
 
 _TOP_LEVEL = {"name", "description", "task", "train", "objectives", "space", "baselines", "seeds",
               "num_trials", "trials_per_method", "resources", "scheduler", "sampler", "storage", "max_retries",
+              "storage_retry_seconds",
               "profile", "cache_dir", "allow_test_selection"}
 
 
@@ -568,6 +578,9 @@ def parse_study(data: dict, path: str | None = None) -> Study:
     if sampler == "grid" and ranges:
         raise _fail("study.sampler", f"grid needs lists of values, but {ranges[0]} is a range; "
                     "allowed: list every value, or another sampler")
+    retry = data.get("storage_retry_seconds", 60.0)
+    if isinstance(retry, bool) or not (isinstance(retry, int | float) and 0 < retry < float("inf")):
+        raise _fail("study.storage_retry_seconds", f"got {retry!r}; allowed: a number of seconds > 0")
     return Study(
         name=name,
         description=data.get("description", ""),
@@ -586,7 +599,8 @@ def parse_study(data: dict, path: str | None = None) -> Study:
         allow_test_selection=allow_test,
         max_retries=data.get("max_retries", 0),
         profile=data.get("profile", True),
-        cache_dir=data.get("cache_dir", "runs/cache"),
+        cache_dir=data.get("cache_dir"),
+        storage_retry_seconds=float(retry),
         path=path,
     )
 

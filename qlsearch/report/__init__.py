@@ -28,11 +28,12 @@ def write_report(study, root: str | Path = "runs", out: str | Path = "reports") 
     """
     import matplotlib
 
+    from qlsearch._paths import inside
     from qlsearch.report._data import load_study_data
     from qlsearch.report._page import write_page
 
+    folder = inside(out, study.name, what="study.name")  # the only folder a report writes or clears
     data = load_study_data(study, root)
-    folder = Path(out) / study.name
     figures, tables = folder / "figures", folder / "tables"
     for generated in (figures, tables):
         shutil.rmtree(generated, ignore_errors=True)

@@ -76,12 +76,19 @@ def load_study_data(study: Study, root: str | Path = "runs") -> StudyData:
     """
     import optuna
 
+    from qlsearch._storage import check_storage, hide_password, open_storage
+
     url = study.storage_url(root)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    not_found = f"study {study.name!r}: not found in {hide_password(url)}; run `qlsearch sweep` first"
+    if study.storage:
+        check_storage(url)
+    elif not Path(url.removeprefix("sqlite:///")).is_file():  # the default SQLite file: never create it
+        raise ValueError(not_found)
     try:
-        ot_study = optuna.load_study(study_name=study.name, storage=url)
+        ot_study = optuna.load_study(study_name=study.name, storage=open_storage(url))
     except KeyError:
-        raise ValueError(f"study {study.name!r}: not found in {url}; run `qlsearch sweep` first") from None
+        raise ValueError(not_found) from None
     names = [m.name for m in study.objectives]
     rows = []
     for t in ot_study.get_trials(deepcopy=False):

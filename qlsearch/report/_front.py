@@ -149,11 +149,14 @@ def _random_reference(data: StudyData) -> tuple[str, list[tuple[float, ...]]] | 
     storage: the study run again with ``sampler = "random"`` (same objectives), if it was."""
     import optuna
 
+    from qlsearch._storage import open_storage
+
     name = f"{data.study.name}-random"
     try:
-        if name not in optuna.get_all_study_names(storage=data.storage_url):
+        storage = open_storage(data.storage_url)
+        if name not in optuna.get_all_study_names(storage=storage):
             return None
-        other = optuna.load_study(study_name=name, storage=data.storage_url)
+        other = optuna.load_study(study_name=name, storage=storage)
     except Exception:  # noqa: BLE001  (no reference is not an error of this study)
         return None
     done = [t for t in other.get_trials(deepcopy=False) if t.state.name == "COMPLETE"
