@@ -111,6 +111,16 @@ class Resources:
     max_concurrent: int = 1
 
 
+@dataclass(frozen=True)
+class Drivers:
+    """Several sweep drivers on one study (qlsearch/_drivers.py): each driver records a
+    heartbeat for every trial it runs every ``heartbeat_seconds``; a running trial whose last
+    heartbeat is older than ``grace_seconds`` has lost its driver and is run again."""
+
+    heartbeat_seconds: int = 10
+    grace_seconds: int = 60
+
+
 @dataclass
 class Study:
     name: str
@@ -122,6 +132,7 @@ class Study:
     seeds: list[int] = field(default_factory=lambda: [0])
     num_trials: int = 8
     resources: Resources = field(default_factory=Resources)
+    drivers: Drivers = field(default_factory=Drivers)
     scheduler: str = "none"
     sampler: str = "tpe"
     storage: str | None = None  # None: sqlite file under the run folder
@@ -171,7 +182,7 @@ class Study:
 
 _TOP_LEVEL = {"name", "description", "task", "train", "objectives", "space", "baselines", "seeds",
               "num_trials", "trials_per_method", "resources", "scheduler", "sampler", "storage", "max_retries",
-              "profile", "cache_dir", "allow_test_selection"}
+              "profile", "cache_dir", "allow_test_selection", "drivers"}
 
 
 def _fail(where: str, message: str) -> ValueError:
@@ -255,6 +266,19 @@ def _baseline(i: int, table) -> Baseline:
     return Baseline(method, knobs, table.get("label") or method)
 
 
+def _drivers(table) -> Drivers:
+    allowed = "integers heartbeat_seconds >= 1 and grace_seconds > heartbeat_seconds"
+    if not isinstance(table, dict):
+        raise _fail("drivers", f"got {table!r}; allowed: a table of {allowed}")
+    _check_fields(Drivers, table, "drivers")
+    drivers = Drivers(**table)
+    seconds = (drivers.heartbeat_seconds, drivers.grace_seconds)
+    if not (all(isinstance(v, int) and not isinstance(v, bool) for v in seconds)
+            and 1 <= drivers.heartbeat_seconds < drivers.grace_seconds):
+        raise _fail("drivers", f"got {table!r}; allowed: {allowed}")
+    return drivers
+
+
 def parse_study(data: dict, path: str | None = None) -> Study:
     """A validated ``Study`` from a parsed study file."""
     unknown = sorted(set(data) - _TOP_LEVEL)
@@ -317,6 +341,7 @@ def parse_study(data: dict, path: str | None = None) -> Study:
     if not (resources.cpus_per_trial > 0 and resources.gpus_per_trial >= 0 and resources.max_concurrent >= 1):
         raise _fail("resources", f"got {resources_table!r}; allowed: cpus_per_trial > 0, "
                     "gpus_per_trial >= 0, max_concurrent >= 1")
+    drivers = _drivers(data.get("drivers", {}))
     scheduler = data.get("scheduler", "none")
     if scheduler not in SCHEDULERS:
         raise _fail("study.scheduler", f"got {scheduler!r}; allowed: {', '.join(SCHEDULERS)}")
@@ -341,6 +366,7 @@ def parse_study(data: dict, path: str | None = None) -> Study:
         seeds=seeds,
         num_trials=num_trials,
         resources=resources,
+        drivers=drivers,
         scheduler=scheduler,
         sampler=sampler,
         storage=data.get("storage"),
