@@ -49,6 +49,13 @@ POLL_SECONDS = 1.0
 # ---- the storage lock ------------------------------------------------------------------
 
 
+#: A database's own lock, held by a connection (and released when its holder dies): the
+#: SQL that takes it and gives it back, and the key each one takes for a lock's name.
+_LOCKS = {"postgresql": ("SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)",
+                         lambda name: zlib.crc32(name.encode())),
+          "mysql": ("SELECT GET_LOCK(:k, -1)", "SELECT RELEASE_LOCK(:k)", lambda name: name)}
+
+
 @contextlib.contextmanager
 def storage_lock(storage, study_name: str):
     """Held while a driver prepares the study (enqueues, versions), so two drivers never
@@ -58,23 +65,16 @@ def storage_lock(storage, study_name: str):
     from sqlalchemy import text
 
     engine = getattr(storage, "_backend", storage).engine
-    dialect, key = engine.dialect.name, f"qlsearch:{study_name}"
-    if dialect == "postgresql":
-        number = zlib.crc32(key.encode())
+    dialect, name = engine.dialect.name, f"qlsearch:{study_name}"
+    if dialect in _LOCKS:
+        take, give_back, key = _LOCKS[dialect]
         with engine.connect() as conn:
-            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": number})
+            conn.execute(text(take), {"k": key(name)})
             try:
                 yield
             finally:
-                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": number})
+                conn.execute(text(give_back), {"k": key(name)})
                 conn.commit()
-    elif dialect == "mysql":
-        with engine.connect() as conn:
-            conn.execute(text("SELECT GET_LOCK(:k, -1)"), {"k": key})
-            try:
-                yield
-            finally:
-                conn.execute(text("SELECT RELEASE_LOCK(:k)"), {"k": key})
     elif dialect == "sqlite" and engine.url.database not in (None, "", ":memory:"):
         import fcntl
 

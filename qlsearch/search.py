@@ -302,7 +302,13 @@ class StudySearch(OptunaSearch):
             # another driver found this trial stale (this one missed its heartbeats) and
             # enqueued it again: the result goes to that retry unless a driver claimed it
             retry = self.driver.claim(self._ot_study, retry_of=ot_trial.number)
-            if retry is not None:
+            if retry is None:
+                import logging
+
+                logging.getLogger(__name__).warning(
+                    "trial %d finished after another driver took it for stale, and its retry is running "
+                    "already: this result is dropped (its records stay in %s)", ot_trial.number, attrs["record_dir"])
+            else:
                 self.driver.release(ot_trial._trial_id)
                 ot_trial = retry
                 self._finish(retry, {"file_version": self.driver.version, **attrs}, values if ok else None)

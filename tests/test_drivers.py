@@ -149,6 +149,31 @@ def test_more_with_a_widened_space_records_a_new_version_and_enqueues_only_new_p
     assert v1["fingerprints"]["objectives"] == v2["fingerprints"]["objectives"]
 
 
+@pytest.mark.parametrize("where", ["sqlite", "postgresql"])
+def test_the_storage_lock_lets_one_driver_in_at_a_time(tmp_path, where):
+    import threading
+
+    url = postgres_url() if where == "postgresql" else f"sqlite:///{tmp_path / 'lock.db'}"
+    name = unique("lock")
+    spans = []
+    optuna.storages.RDBStorage(url)  # the schema, once
+
+    def driver() -> None:  # each with its own storage, as two processes would have
+        storage = optuna.storages.RDBStorage(url)
+        with storage_lock(storage, name):
+            entered = time.monotonic()
+            time.sleep(0.3)
+            spans.append((entered, time.monotonic()))
+
+    threads = [threading.Thread(target=driver) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    spans.sort()
+    assert len(spans) == 3 and all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))  # never two inside
+
+
 # ---- leases: a trial is stale when its driver is gone ------------------------------------
 
 
