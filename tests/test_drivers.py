@@ -61,14 +61,16 @@ knobs = {{r = {lora_r}}}
 max_concurrent = 1
 [drivers]
 heartbeat_seconds = 1
-grace_seconds = 4
+grace_seconds = {grace}
 """
 
 
 def write_study(path: Path, name: str, *, num_trials=4, sampler="grid", r="[2, 4]", lora_r=4, epochs=2,
-                storage: str | None = None) -> Path:
+                storage: str | None = None, grace=4) -> Path:
+    """A tiny study; ``grace``: seconds without a heartbeat before a trial is stale (a live
+    driver on a busy machine must never look gone)."""
     path.write_text(STUDY.format(name=name, num_trials=num_trials, sampler=sampler, r=r, lora_r=lora_r,
-                                 epochs=epochs, cache=path.parent / "cache",
+                                 epochs=epochs, cache=path.parent / "cache", grace=grace,
                                  storage=f'storage = "{storage}"' if storage else ""))
     return path
 
@@ -243,7 +245,7 @@ def test_two_drivers_share_one_study_and_a_killed_ones_trials_run_again(tmp_path
     name = unique(f"two-{sampler}")
     budget = 6
     path = write_study(tmp_path / "s.toml", name, num_trials=budget, sampler=sampler, storage=url,
-                       epochs=3 if sampler == "grid" else 2)
+                       epochs=3 if sampler == "grid" else 2, grace=10)
     if sampler == "tpe":  # a range: the sampler cannot draw one configuration twice
         path.write_text(path.read_text().replace("d_k = 8", "d_k = 8\nlr = {low = 1e-4, high = 1e-2, log = true}"))
     root = tmp_path / "runs"
@@ -307,7 +309,7 @@ def test_more_extends_a_finished_study_and_status_says_which_version_ran_what(tm
     url = postgres_url()
     name = unique("more")
     root = tmp_path / "runs"
-    path = write_study(tmp_path / "s.toml", name, num_trials=2, sampler="grid", storage=url)
+    path = write_study(tmp_path / "s.toml", name, num_trials=2, sampler="grid", storage=url, grace=10)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "local"}
 
     def sweep(*extra: str) -> None:
@@ -322,7 +324,7 @@ def test_more_extends_a_finished_study_and_status_says_which_version_ran_what(tm
     assert sum(bool(t.user_attrs.get("baseline")) for t in trials) == 1
     assert len({knobs_key(t) for t in trials}) == 5
     first = {knobs_key(t) for t in trials}
-    write_study(path, name, num_trials=2, sampler="grid", storage=url, r="[2, 4, 8]")  # a wider space
+    write_study(path, name, num_trials=2, sampler="grid", storage=url, r="[2, 4, 8]", grace=10)  # a wider space
     done = subprocess.run([sys.executable, "-m", "qlsearch.cli", "sweep", str(path), "--root", str(root), "--resume"],
                           env=env, capture_output=True, text=True)
     assert done.returncode == 2 and "space.queryable.r: stored [2, 4], file [2, 4, 8]" in done.stderr

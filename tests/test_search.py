@@ -145,7 +145,7 @@ d_k = 8
 max_concurrent = 1
 [drivers]
 heartbeat_seconds = 1
-grace_seconds = 3
+grace_seconds = 5
 """
 
 
