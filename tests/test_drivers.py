@@ -278,6 +278,7 @@ def test_two_drivers_share_one_study_and_a_killed_ones_trials_run_again(tmp_path
             snapshot = _check_snapshot(json.loads(capsys.readouterr().out), snapshot)
             if reports < 1 and killed_running:
                 assert main(["report", str(path), "--root", str(root), "--out", str(tmp_path / "reports")]) == 0
+                capsys.readouterr()  # the page's path
                 reports += 1
         assert second.wait(timeout=max(1, deadline - time.time())) == 0, (tmp_path / "second.log").read_text()
     finally:
