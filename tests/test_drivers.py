@@ -87,6 +87,25 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{os.getpid()}-{time.time_ns() % 10**9}"
 
 
+@pytest.fixture
+def pg_study():
+    """``(url, name)``: a fresh study name on the PostgreSQL server, deleted afterwards
+    (other tests share the server)."""
+    url = postgres_url()
+    names = []
+
+    def fresh(prefix: str) -> str:
+        names.append(unique(prefix))
+        return names[-1]
+
+    yield url, fresh
+    for name in names:
+        try:
+            optuna.delete_study(study_name=name, storage=url)
+        except KeyError:
+            pass
+
+
 def knobs_key(t) -> tuple:
     return (t.user_attrs.get("baseline"), t.user_attrs.get("method"), json.dumps(t.user_attrs.get("knobs"), sort_keys=True))
 
@@ -238,11 +257,11 @@ def _check_snapshot(status: dict, previous: dict) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["grid", "tpe"])
-def test_two_drivers_share_one_study_and_a_killed_ones_trials_run_again(tmp_path, sampler, capsys):
+def test_two_drivers_share_one_study_and_a_killed_ones_trials_run_again(tmp_path, sampler, capsys, pg_study):
     """Two ``qlsearch sweep`` processes on one PostgreSQL study; the first is killed with
     SIGKILL mid-trial. Reading (status, report) while they write never fails."""
-    url = postgres_url()
-    name = unique(f"two-{sampler}")
+    url, fresh = pg_study
+    name = fresh(f"two-{sampler}")
     budget = 6
     path = write_study(tmp_path / "s.toml", name, num_trials=budget, sampler=sampler, storage=url,
                        epochs=3 if sampler == "grid" else 2, grace=10)
@@ -302,13 +321,12 @@ def test_two_drivers_share_one_study_and_a_killed_ones_trials_run_again(tmp_path
     drivers = {t.user_attrs["driver"] for t in trials}
     assert len(drivers) == 2  # both drivers ran trials
     assert reports == 1
-    optuna.delete_study(study_name=name, storage=url)
 
 
 @pytest.mark.slow
-def test_more_extends_a_finished_study_and_status_says_which_version_ran_what(tmp_path, capsys):
-    url = postgres_url()
-    name = unique("more")
+def test_more_extends_a_finished_study_and_status_says_which_version_ran_what(tmp_path, capsys, pg_study):
+    url, fresh = pg_study
+    name = fresh("more")
     root = tmp_path / "runs"
     path = write_study(tmp_path / "s.toml", name, num_trials=2, sampler="grid", storage=url, grace=10)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "local"}
@@ -344,4 +362,3 @@ def test_more_extends_a_finished_study_and_status_says_which_version_ran_what(tm
     assert main(["report", str(path), "--root", str(root), "--out", str(tmp_path / "reports")]) == 0
     page = (tmp_path / "reports" / name / "index.html").read_text()
     assert "file version 2 " in page and "+ 5 added with --more" in page
-    optuna.delete_study(study_name=name, storage=url)
