@@ -122,7 +122,7 @@ def _flat(value, path: str) -> dict:
 def differences(stored: dict, current: dict, sections=None) -> list[str]:
     """``space.queryable.r: stored [4, 8], file [4, 8, 16]``: one line per difference."""
     lines = []
-    for name in sections or sorted(set(stored) | set(current)):
+    for name in sections if sections is not None else sorted(set(stored) | set(current)):
         old, new = _flat(stored.get(name, {}), name), _flat(current.get(name, {}), name)
         for path in sorted(set(old) | set(new)):
             if old.get(path, ...) != new.get(path, ...):
