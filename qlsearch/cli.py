@@ -187,7 +187,13 @@ def _add_sweep(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("sweep", help="run a study: Ray Tune runs the trials, Optuna samples them",
                               description="Run (or, with --resume, continue) the study in a study file.")
     p.add_argument("study", help="study file (e.g. studies/quickstart.toml) or a folder of them")
-    p.add_argument("--resume", action="store_true", help="continue a study that already has trials")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a study that already has trials (the same study file), or join "
+                        "another driver running it")
+    p.add_argument("--more", type=int, metavar="N",
+                   help="add N trials to the study's budget (per method with trials_per_method), "
+                        "finished or running: the sampler goes on from its trials, baselines are not "
+                        "re-run; a changed space or baselines become a new file version")
     p.add_argument("--root", default="runs", help="run folder (SQLite storage, records, Ray results)")
     p.add_argument("--address", help="join this Ray cluster (e.g. ray://head:10001 or auto)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
@@ -196,11 +202,14 @@ def _add_sweep(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
+    from qlsearch._drivers import check_file
     from qlsearch._storage import check_storage, hide_password
     from qlsearch.search import open_study, run_sweep
     from qlsearch.status import format_status, study_status
     from qlsearch.study import load_study, study_files
 
+    if args.more is not None and args.more < 1:
+        raise UsageError(f"--more: got {args.more}; allowed: an integer >= 1")
     try:
         studies = [load_study(path) for path in study_files(args.study)]
         for study in studies:  # every storage URL checked before any storage is created
@@ -210,16 +219,20 @@ def _run_sweep(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise UsageError(f"{args.study}: {err}") from err
     for study, ot_study in zip(studies, opened, strict=True):
-        if ot_study.trials and not args.resume:
+        if ot_study.trials and not (args.resume or args.more):
             raise UsageError(f"{study.path}: study {study.name!r} already has {len(ot_study.trials)} trials "
-                             f"in {hide_password(study.storage_url(args.root))}; pass --resume to continue it")
+                             f"in {hide_password(study.storage_url(args.root))}; pass --resume to continue it "
+                             "or --more N to add trials")
+        problems = check_file(ot_study, study, more=bool(args.more))
+        if problems:
+            raise UsageError(f"{study.path}: " + "\n".join(problems))
     for study, ot_study in zip(studies, opened, strict=True):
-        note = study.budget().note
+        note = study.budget(ot_study.user_attrs.get("more_trials", 0) + (args.more or 0)).note
         if note:
             print(f"warning: {study.name}: {note}", file=sys.stderr)
         try:
             summary = run_sweep(study, root=args.root, address=args.address, num_cpus=args.num_cpus,
-                                verbose=not args.quiet)
+                                verbose=not args.quiet, more=args.more or 0)
         except ValueError as err:  # what only the cluster can tell (e.g. GPUs asked where there are none)
             raise UsageError(f"{study.path}: {err}") from err
         print(format_status(study_status(ot_study)))

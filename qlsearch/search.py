@@ -22,9 +22,12 @@
   (``--resume``) stores those results first. A finished trial is never told FAIL for it.
 * Secrets: the storage URL (its password) stays in the driver's memory. What Tune pickles
   (the searcher's checkpoints, ``tuner.pkl``) and what the workers receive leave it out.
-* Resume: finished trials (COMPLETE/FAIL) are never run again; trials left
-  RUNNING by a killed driver are marked FAIL ("interrupted") and their
-  configuration is enqueued again; the sweep runs what is left of the budget.
+* Several drivers, resume, growth (qlsearch/_drivers.py): everything that runs is
+  enqueued (under a storage lock) and a driver runs only trials it claimed from the
+  queue, kept alive by its heartbeats; finished trials (COMPLETE/FAIL) are never run
+  again; a trial whose driver is gone (no heartbeat for the grace period) is marked
+  FAIL ("interrupted") and its configuration enqueued again. ``more`` adds trials to
+  the budget; each trial records the study-file version it ran under.
 * Half-finished seed sets: a configuration's objectives exist only once all of
   its seeds finished. A trial interrupted mid-way is run again on *every* seed
   (the seeds it had finished are deterministic, so they come out the same; their
@@ -48,6 +51,16 @@ import optuna
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from qlsearch._drivers import (
+    FINISHED,
+    INTERRUPTED,
+    Driver,
+    changed_knobs,
+    fingerprint,
+    reap_stale,
+    settle_version,
+    storage_lock,
+)
 from qlsearch._registry import plugin_modules
 from qlsearch._storage import (
     StorageUnavailable,
@@ -61,10 +74,11 @@ from qlsearch._storage import (
 from qlsearch.study import LISTABLE, MethodSpace, Param, Study
 from qlsearch.trial import TrialConfig, run_trial, write_record
 
-INTERRUPTED = "interrupted: the sweep's driver stopped before this trial finished"
 #: The reason a sampled trial that repeats a configuration of the study is not run (status
 #: leaves these out of a method's budget).
 REPEAT = "repeat: trial {number} ran this configuration; not run again, an unrun one was queued instead"
+
+__all__ = ["INTERRUPTED", "StudySearch", "StudySpace", "open_study", "prepare", "run_sweep"]
 
 
 # ---- sampling ----------------------------------------------------------------------
@@ -88,12 +102,20 @@ def _suggest(trial, name: str, param: Param, bound: int | None):
     return trial.suggest_float(name, param.low, high, log=param.log, step=param.step)
 
 
-def sample_knobs(trial, space: MethodSpace) -> dict:
+def _versioned(name: str, definition, renamed: frozenset) -> str:
+    """``name``, or ``name@<fingerprint>`` when the study file changed its definition since
+    the first version (Optuna keeps one distribution per parameter name)."""
+    return f"{name}@{fingerprint(definition)[:6]}" if name in renamed else name
+
+
+def sample_knobs(trial, space: MethodSpace, renamed: frozenset = frozenset()) -> dict:
+    from qlsearch._drivers import _param_definition
+
     knobs = dict(space.fixed)
     for param in space.params:  # bounds come before the knobs they bound
         bound_name = space.bound_of(param)
-        knobs[param.name] = _suggest(trial, f"{space.method}.{param.name}", param,
-                                     knobs.get(bound_name) if bound_name else None)
+        name = _versioned(f"{space.method}.{param.name}", _param_definition(param), renamed)
+        knobs[param.name] = _suggest(trial, name, param, knobs.get(bound_name) if bound_name else None)
     return knobs
 
 
@@ -104,8 +126,9 @@ class StudySpace:
     experiment checkpoints.
     """
 
-    def __init__(self, study: Study):
+    def __init__(self, study: Study, renamed: frozenset = frozenset()):
         self.spaces = {s.method: s for s in study.spaces}
+        self.renamed = renamed  # knobs whose definition changed since the first file version
 
     def __call__(self, trial) -> dict:
         attrs = trial.user_attrs
@@ -115,8 +138,9 @@ class StudySpace:
         if attrs.get("method") in self.spaces:  # a method's budget slot: the sampler picks its knobs
             method = attrs["method"]
         else:
-            method = methods[0] if len(methods) == 1 else trial.suggest_categorical("method", methods)
-        return {"method": method, "knobs": sample_knobs(trial, self.spaces[method]), "baseline": None}
+            method = (methods[0] if len(methods) == 1 else
+                      trial.suggest_categorical(_versioned("method", methods, self.renamed), methods))
+        return {"method": method, "knobs": sample_knobs(trial, self.spaces[method], self.renamed), "baseline": None}
 
 
 # ---- one Tune trial: every seed of one configuration --------------------------------
@@ -242,6 +266,9 @@ class StudySearch(OptunaSearch):
     and never leaves an Optuna trial RUNNING: anything but a completed trial with finite
     objectives is told as FAIL, with its reason.
 
+    It runs only trials its ``Driver`` claimed from the study's queue (never one that
+    ``ask`` would create), so several drivers share one study.
+
     When the storage stays unreachable (``StorageUnavailable``, after its retries) it
     keeps each result in ``unstored_dir``, suggests nothing more, and holds the error in
     ``outage`` for the driver to report.
@@ -252,17 +279,20 @@ class StudySearch(OptunaSearch):
 
     #: what Tune must not pickle: the storage and everything that holds it (its URL has the password)
     _UNPICKLED = ("_storage", "_ot_study", "_ot_trials")
+    driver: Driver
 
     @classmethod
-    def for_study(cls, study: Study, storage, seed: int, unstored_dir: str | Path) -> StudySearch:
-        """``seed`` should differ between sweeps of one study (e.g. its trial count), so a
-        resumed sweep does not draw the same random start-up points again."""
+    def for_study(cls, study: Study, storage, seed: int, unstored_dir: str | Path, driver: Driver | None = None,
+                  renamed: frozenset = frozenset()) -> StudySearch:
+        """``seed`` should differ between the drivers of one study (e.g. their sequence
+        number), so no two draw the same random start-up points."""
         samplers = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
                     "nsgaii": optuna.samplers.NSGAIISampler,
                     "grid": optuna.samplers.TPESampler}  # grid points are enqueued: never sampled
-        search = cls(space=StudySpace(study), metric=[m.name for m in study.objectives],
+        search = cls(space=StudySpace(study, renamed), metric=[m.name for m in study.objectives],
                      mode=["max" if m.higher_is_better else "min" for m in study.objectives],
                      storage=storage, study_name=study.name, sampler=samplers[study.sampler](seed=seed))
+        search.driver = driver or Driver(study.drivers.heartbeat_seconds, version=1)
         search.unstored_dir, search.outage = Path(unstored_dir), None
         search.study = study
         return search
@@ -276,17 +306,23 @@ class StudySearch(OptunaSearch):
 
     def suggest(self, trial_id):
         if self.outage is not None:
-            return Searcher.FINISHED
+            return FINISHED
         try:
-            config = super().suggest(trial_id)
-            if isinstance(config, dict):
-                config = self._unless_repeat(trial_id, config)
+            while True:
+                if trial_id not in self._ot_trials:
+                    claimed = self.driver.next_trial(self._ot_study)
+                    if claimed is None or claimed == FINISHED:
+                        return claimed
+                    self._ot_trials[trial_id] = claimed
+                config = super().suggest(trial_id)
+                if not (isinstance(config, dict) and self._replaced_repeat(trial_id, config)):
+                    break
             if isinstance(config, dict):  # record the configuration now: a killed sweep can re-run it
-                for key in ("method", "knobs", "baseline"):
-                    self._ot_trials[trial_id].set_user_attr(key, config.get(key))
+                self._record(self._ot_trials[trial_id], {**{k: config.get(k) for k in ("method", "knobs", "baseline")},
+                                                        "file_version": self.driver.version})
         except StorageUnavailable as err:  # start nothing more; what runs still finishes
             self.outage = err
-            return Searcher.FINISHED
+            return FINISHED
         return config
 
     def on_trial_result(self, trial_id, result):
@@ -296,24 +332,30 @@ class StudySearch(OptunaSearch):
             except StorageUnavailable as err:
                 self.outage = err
 
-    def _unless_repeat(self, trial_id, config: dict):
-        """``config``, or, when the sampler repeated a configuration the study already has, the
-        answer to asking again after an unrun configuration is queued in its place."""
+    @staticmethod
+    def _record(ot_trial, attrs: dict) -> None:
+        for key, value in attrs.items():
+            ot_trial.set_user_attr(key, value)
+
+    def _replaced_repeat(self, trial_id, config: dict) -> bool:
+        """When the sampler repeated a configuration the study already has: the slot is told
+        PRUNED (left out of the budget), an unrun configuration is queued in its place, and
+        True says to claim again. False: ``config`` runs (new, or nothing unrun is left)."""
         ot_trial = self._ot_trials[trial_id]
         repeat_of = self._repeat_of(ot_trial, config)
         if repeat_of is None:
-            return config
+            return False
         replacement = unrun_configuration(self.study, self._ot_study, config["method"], ot_trial.number)
         if replacement is None:  # none left: the budget cap makes this rare; run it
-            return config
-        ot_trial.set_user_attr("failure", REPEAT.format(number=repeat_of))
-        for key in ("method", "knobs"):
-            ot_trial.set_user_attr(key, config[key])
+            return False
+        self._record(ot_trial, {"failure": REPEAT.format(number=repeat_of), "method": config["method"],
+                                "knobs": config["knobs"]})
         self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
         self._ot_study.enqueue_trial({}, user_attrs={"method": config["method"], "knobs": replacement,
                                                      "fixed": True})
+        self.driver.release(ot_trial._trial_id)
         del self._ot_trials[trial_id]
-        return super().suggest(trial_id)  # asks again: the queued configuration comes first
+        return True
 
     def _repeat_of(self, ot_trial, config: dict) -> int | None:
         """The trial that already has this sampled configuration (baselines, queued ones included)."""
@@ -328,13 +370,16 @@ class StudySearch(OptunaSearch):
         ot_trial = self._ot_trials[trial_id]
         values, attrs = self._outcome(trial_id, result, error)
         self._completed_trials.add(trial_id)
-        if self.outage is None:
-            try:
-                record_outcome(self._ot_study, ot_trial.number, values, attrs)
-                return
-            except StorageUnavailable as err:
-                self.outage = err
-        keep_unstored(self.unstored_dir, ot_trial.number, values, attrs)
+        try:
+            if self.outage is None:
+                try:
+                    self.driver.release(self._store(ot_trial, values, attrs))
+                    return
+                except StorageUnavailable as err:
+                    self.outage = err
+            keep_unstored(self.unstored_dir, ot_trial.number, values, attrs)
+        finally:
+            self.driver.release(ot_trial._trial_id)
 
     def _outcome(self, trial_id, result: dict | None, error: bool) -> tuple[list | None, dict]:
         """The objective values (None: the trial is told FAIL) and the user attrs to record."""
@@ -357,6 +402,25 @@ class StudySearch(OptunaSearch):
                 else "stopped early by the scheduler" if result and not error
                 else "the trial's worker raised; see the Ray Tune logs")
         return (values if ok else None), attrs
+
+    def _store(self, ot_trial, values: list | None, attrs: dict) -> int:
+        """Tell the storage (retried through outages by ``RetryingStorage``); returns the id of
+        the trial that took the result. When another driver found this one stale (it missed its
+        heartbeats) and enqueued it again, the result goes to that retry unless it runs already."""
+        try:
+            record_outcome(self._ot_study, ot_trial.number, values, attrs)
+            return ot_trial._trial_id
+        except optuna.exceptions.UpdateFinishedTrialError:
+            retry = self.driver.claim(self._ot_study, retry_of=ot_trial.number)
+            if retry is None:
+                import logging
+
+                logging.getLogger(__name__).warning(
+                    "trial %d finished after another driver took it for stale, and its retry is running "
+                    "already: this result is dropped (its records stay in %s)", ot_trial.number, attrs["record_dir"])
+                return ot_trial._trial_id
+            record_outcome(self._ot_study, retry.number, values, {"file_version": self.driver.version, **attrs})
+            return retry._trial_id
 
 
 def _configurations(study: Study, ot_study, but: int | None = None) -> dict:
@@ -393,16 +457,22 @@ def unrun_configuration(study: Study, ot_study, method: str, number: int) -> dic
 
 
 def open_study(study: Study, root: str | Path = "runs"):
-    """The Optuna study (created on first use) and its storage.
+    """The Optuna study (created on first use) and its storage, with heartbeats enabled.
 
     A storage URL the study names is checked before anything is written; the default
     SQLite file needs the run folder, which is created first.
     """
+    import warnings
+
     if study.storage:
         check_storage(study.storage)
     else:
         study.run_dir(root).mkdir(parents=True, exist_ok=True)
-    storage = open_storage(study.storage_url(root), study.storage_retry_seconds)
+    with warnings.catch_warnings():  # Optuna marks heartbeat_interval experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = open_storage(study.storage_url(root), study.storage_retry_seconds,
+                               heartbeat_interval=study.drivers.heartbeat_seconds,
+                               grace_period=study.drivers.grace_seconds)
     ot_study = optuna.create_study(storage=storage, study_name=study.name, load_if_exists=True,
                                    directions=study.directions)
     objectives = [m.name for m in study.objectives]
@@ -410,63 +480,66 @@ def open_study(study: Study, root: str | Path = "runs"):
     if stored is None:
         ot_study.set_user_attr("objectives", objectives)
         ot_study.set_user_attr("study_file", study.path)
-    elif stored != objectives:
+    elif stored != objectives and not ot_study.user_attrs.get("file_versions"):  # (else: _drivers.check_file)
         raise ValueError(f"objectives: the stored study {study.name!r} optimises {stored}; this file "
                          f"asks for {objectives}: give the study another name")
     return ot_study, storage
 
 
-def prepare(ot_study, study: Study) -> int:
-    """Mark interrupted trials, enqueue what must (re)run; return how many Tune trials to start."""
+def _config_key(t) -> tuple:
+    return (t.user_attrs.get("method"), repr(sorted((t.user_attrs.get("knobs") or {}).items())))
+
+
+def prepare(ot_study, study: Study, more: int = 0) -> int:
+    """Re-enqueue trials whose driver is gone, enqueue what must run (the baselines, the
+    budget's slots or grid points; ``more`` slots beyond the study file's budget, per
+    method with ``trials_per_method``); return how many trials wait. Several drivers call
+    this under ``storage_lock``."""
     State = optuna.trial.TrialState
+    reap_stale(ot_study)
+    extra = ot_study.user_attrs.get("more_trials", 0) + more
+    if more:
+        ot_study.set_user_attr("more_trials", extra)
     trials = ot_study.get_trials(deepcopy=False)
-    for t in trials:
-        if t.state == State.RUNNING:  # its driver died: record it, then run its configuration again
-            ot_study._storage.set_trial_user_attr(t._trial_id, "failure", INTERRUPTED)
-            ot_study._storage.set_trial_state_values(t._trial_id, State.FAIL)
-            if t.user_attrs.get("method"):
-                attrs = {k: t.user_attrs.get(k) for k in ("method", "knobs", "baseline")}
-                if not attrs["baseline"]:
-                    attrs.update(retry_of=t.number, fixed=True)
-                ot_study.enqueue_trial({}, user_attrs=attrs)
-    trials = ot_study.get_trials(deepcopy=False)
-    present = {t.user_attrs.get("baseline") for t in trials if t.user_attrs.get("baseline")}
+    present = {(t.user_attrs["baseline"], *_config_key(t)) for t in trials if t.user_attrs.get("baseline")}
     for b in study.baselines:
-        if b.label not in present:
+        if (b.label, b.method, repr(sorted(b.knobs.items()))) not in present:
             ot_study.enqueue_trial({}, user_attrs={"baseline": b.label, "method": b.method, "knobs": b.knobs})
-    budget = study.budget()  # capped at the distinct configurations (baselines not repeated)
+    budget = study.budget(extra)  # capped at the distinct configurations (baselines not repeated)
     if budget.note:
         ot_study.set_user_attr("budget_note", budget.note)
-    if study.sampler == "grid":  # enqueue the grid once, in a seeded order, up to the budget
+    # slots per method with trials_per_method, else one budget (key None) for all
+    per_method = bool(study.trials_per_method)
+    slots = dict(budget.per_method) if per_method else ({None: budget.total} if study.spaces else {})
+    used = dict.fromkeys(slots, 0)
+    for t in trials:
+        if _counts_against_budget(t):
+            key = t.user_attrs.get("method") if per_method else None
+            used[key] = used.get(key, 0) + 1
+    if study.sampler == "grid":  # the grid in a seeded order: the points not run yet, up to the budget
         import random
 
         known = _configurations(study, ot_study)
-        points = [p for p in study.grid() if study.config_key(*p) not in
-                  {study.config_key(b.method, b.knobs) for b in study.baselines}]
+        baselines = {study.config_key(b.method, b.knobs) for b in study.baselines}
+        points = [p for p in study.grid() if study.config_key(*p) not in baselines]
         random.Random(study.name).shuffle(points)
-        if study.trials_per_method:
-            points = [p for s in study.spaces for p in [q for q in points if q[0] == s.method][: study.trials_per_method]]
-        for method, knobs in points[: budget.total]:
-            if study.config_key(method, knobs) not in known:
+        for method, knobs in points:
+            key = method if per_method else None
+            if study.config_key(method, knobs) not in known and used[key] < slots[key]:
                 ot_study.enqueue_trial({}, user_attrs={"method": method, "knobs": knobs, "fixed": True})
-    elif study.trials_per_method:  # the same number of slots for every searched method
-        for space in study.spaces:
-            used = sum(_counts_against_budget(t) for t in ot_study.get_trials(deepcopy=False)
-                       if t.user_attrs.get("method") == space.method)
-            for _ in range(budget.per_method[space.method] - used):
-                ot_study.enqueue_trial({}, user_attrs={"method": space.method})
-    trials = ot_study.get_trials(deepcopy=False)
-    waiting = sum(t.state == State.WAITING for t in trials)
-    searched = sum(_counts_against_budget(t) for t in trials)
-    remaining_searched = max(0, budget.total - searched) if study.spaces else 0
-    return waiting + remaining_searched
+                used[key] += 1
+    else:  # slots the sampler fills when a driver claims them (a method's own, per method)
+        for key, n in slots.items():
+            for _ in range(n - used[key]):
+                ot_study.enqueue_trial({}, user_attrs={"method": key} if key else {})
+    return len(ot_study.get_trials(deepcopy=False, states=(State.WAITING,)))
 
 
 def _counts_against_budget(t) -> bool:
-    """A searched trial that ran (or will): not a baseline, not an interrupted run (its retry counts)."""
+    """A searched trial that ran, runs or will: not a baseline, not an interrupted run (its retry counts)."""
     State = optuna.trial.TrialState
-    return (not t.user_attrs.get("baseline") and t.user_attrs.get("failure") != INTERRUPTED
-            and t.state in (State.COMPLETE, State.FAIL, State.WAITING))
+    interrupted = t.state == State.FAIL and t.user_attrs.get("failure") == INTERRUPTED
+    return not t.user_attrs.get("baseline") and not interrupted and t.state != State.PRUNED
 
 
 # ---- the sweep ---------------------------------------------------------------------
@@ -495,8 +568,13 @@ def _resources(study: Study, gpus: float) -> dict:
 
 
 def run_sweep(study: Study, root: str | Path = "runs", address: str | None = None,
-              num_cpus: int | None = None, verbose: bool = True) -> dict:
-    """Run (or resume) ``study``; returns a summary with the sweep's timing."""
+              num_cpus: int | None = None, verbose: bool = True, more: int = 0) -> dict:
+    """Run (or resume, or join) ``study``, with ``more`` trials beyond its budget; returns a
+    summary with the sweep's timing. ``started``: the trials waiting when it began.
+
+    Raises ``ValueError`` when the study file differs from the stored study in what
+    ``more`` may not change (``_drivers.check_file``).
+    """
     import ray
     from ray import tune
 
@@ -505,11 +583,16 @@ def run_sweep(study: Study, root: str | Path = "runs", address: str | None = Non
     started = time.time()
     ot_study, storage = open_study(study, root)
     run_dir = study.run_dir(root).resolve()
-    resubmit_unstored(ot_study, run_dir / "unstored")  # results an outage kept on disk, first
-    to_run = prepare(ot_study, study)
+    with storage_lock(storage, study.name):
+        resubmit_unstored(ot_study, run_dir / "unstored")  # results an outage kept on disk, first
+        version = settle_version(ot_study, study, more=bool(more))
+        to_run = prepare(ot_study, study, more)
+        number = ot_study.user_attrs.get("drivers", 0)  # this driver's sequence number: its sampler seed
+        ot_study.set_user_attr("drivers", number + 1)
     storage_ready = time.time()
     summary = {"study": study.name, "storage": hide_password(study.storage_url(root)), "started": to_run}
-    if to_run == 0:
+    others = ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    if to_run == 0 and not others:  # (another driver's running trials may still turn stale)
         summary.update(wall_seconds=time.time() - started, trial_seconds=0.0)
         return summary
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local clusters: no token auth
@@ -527,7 +610,9 @@ def run_sweep(study: Study, root: str | Path = "runs", address: str | None = Non
     gpus = ray.cluster_resources().get("GPU", 0)
     fallback = cpu_fallback(study, gpus)
     ot_study.set_user_attr("cpu_fallback", fallback)  # status and the report show it
-    search = StudySearch.for_study(study, storage, seed=len(ot_study.trials), unstored_dir=run_dir / "unstored")
+    driver = Driver(study.drivers.heartbeat_seconds, version)
+    search = StudySearch.for_study(study, storage, seed=number, unstored_dir=run_dir / "unstored", driver=driver,
+                                   renamed=frozenset(changed_knobs(ot_study, study)))
     # what the workers get (Tune pickles it into its files): no password, one cache for every trial
     worker_study = replace(study, storage=hide_password(study.storage), cache_dir=str(study.cache_path(root)))
     scheduler = None
@@ -543,7 +628,8 @@ def run_sweep(study: Study, root: str | Path = "runs", address: str | None = Non
                             _resources(study, gpus)),
         # reuse_actors: a trial's worker process (torch and the libraries already imported)
         # runs the next trial too, instead of a fresh process per trial
-        tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=to_run,
+        # num_samples=-1: the searcher says when the study's queue is empty (FINISHED)
+        tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=-1,
                                     max_concurrent_trials=study.resources.max_concurrent,
                                     reuse_actors=True),
         run_config=tune.RunConfig(name="tune", storage_path=str(run_dir / "ray"), verbose=0,
@@ -551,7 +637,10 @@ def run_sweep(study: Study, root: str | Path = "runs", address: str | None = Non
                                   failure_config=tune.FailureConfig(max_failures=study.max_retries)),
     )
     fit_started = time.time()
-    tuner.fit()
+    try:
+        tuner.fit()
+    finally:
+        driver.stop()
     if search.outage is not None:
         kept = sorted(p.name for p in (run_dir / "unstored").glob("*.json"))
         raise StorageUnavailable(f"{search.outage}; the sweep stopped"
@@ -564,6 +653,7 @@ def run_sweep(study: Study, root: str | Path = "runs", address: str | None = Non
     summary.update(wall_seconds=wall, trial_seconds=busy, overhead_seconds=wall - busy,
                    overhead_fraction=(wall - busy) / wall if wall else 0.0, **parts,
                    scheduling_seconds=wall - busy - sum(parts.values()))
-    runs = ot_study.user_attrs.get("sweeps", [])
-    ot_study.set_user_attr("sweeps", [*runs, {k: v for k, v in summary.items() if k != "storage"}])
+    with storage_lock(storage, study.name):  # another driver may be appending too
+        runs = ot_study.user_attrs.get("sweeps", [])
+        ot_study.set_user_attr("sweeps", [*runs, {k: v for k, v in summary.items() if k != "storage"}])
     return summary

@@ -70,13 +70,14 @@ def _row(trial: optuna.trial.FrozenTrial, objectives: list[str], reported: list[
         "method": attrs.get("method"),
         "baseline": attrs.get("baseline"),
         "knobs": attrs.get("knobs"),
-        "values": dict(zip(objectives, trial.values, strict=True)) if trial.values else None,
+        "values": dict(zip(objectives, trial.values, strict=True)) if complete and trial.values else None,
         "std": {m: attrs.get(f"{m}_std") for m in objectives + reported} if complete else None,
         "reported": {m: attrs.get(m) for m in reported} if complete else None,
         "seeds": attrs.get("seeds"),
         # every seed's value, in the order of "seeds" (the objective is their mean)
         "seed_values": {m: attrs.get(f"{m}_seeds") for m in objectives + reported} if complete else None,
         "failure": attrs.get("failure"),
+        "version": attrs.get("file_version"),  # of the study file (qlsearch/_drivers.py)
         "seconds": attrs.get("trial_seconds"),
         "forward_ratio": latency and latency["forward_ratio"],
         "latency": latency,
@@ -103,7 +104,13 @@ def method_budget(trials: list[dict]) -> dict[str, dict]:
 
 def study_status(ot_study) -> dict:
     """Trials, the front (Optuna's ``best_trials``), each method's budget and the sweeps' timing,
-    as one JSON-able dict."""
+    as one JSON-able dict.
+
+    One snapshot, safe while a sweep writes: the front is computed from the same list of
+    trials (``best_trials`` would read them again), and values count only on COMPLETE trials.
+    """
+    from optuna.study._multi_objective import _get_pareto_front_trials_by_trials
+
     from qlsearch.metrics import reported_beside
 
     objectives = ot_study.user_attrs.get("objectives") or [f"objective_{i}" for i in range(len(ot_study.directions))]
@@ -112,7 +119,7 @@ def study_status(ot_study) -> dict:
     counts: dict[str, int] = {}
     for t in trials:
         counts[t.state.name] = counts.get(t.state.name, 0) + 1
-    front = ot_study.best_trials if any(t.state.name == "COMPLETE" for t in trials) else []
+    front = _get_pareto_front_trials_by_trials(trials, ot_study.directions)
     rows = [_row(t, objectives, reported) for t in trials]
     return {
         "study": ot_study.study_name,
@@ -128,7 +135,38 @@ def study_status(ot_study) -> dict:
         "budget_note": ot_study.user_attrs.get("budget_note"),
         # why trials ran on CPU although the study asks for GPUs (resources.cpu_fallback)
         "cpu_fallback": ot_study.user_attrs.get("cpu_fallback"),
+        "file_versions": [{k: v for k, v in version.items() if k != "sections"}
+                          for version in ot_study.user_attrs.get("file_versions") or []],
     }
+
+
+def version_lines(trials: list[dict], versions: list[dict]) -> list[str]:
+    """``file version 2 (2026-...): trials 8-11; space.queryable.r: stored [2, 4], file [2, 4, 8]``,
+    one line per version of the study file, when there is more than one.
+
+    ``trials``: dicts with ``number`` and ``version``; ``versions``: the study's ``file_versions``.
+    """
+    if len(versions) < 2:
+        return []
+    lines = []
+    for version in versions:
+        numbers = [t["number"] for t in trials  # trials run before versions were kept: version 1
+                   if (t.get("version") or (1 if t["state"] in ("COMPLETE", "FAIL") else None)) == version["version"]]
+        changes = "; ".join(version.get("changes") or [])
+        lines.append(f"file version {version['version']} ({version.get('created', '?')}): "
+                     f"trials {_ranges(numbers) or 'none'}" + (f"; {changes}" if changes else ""))
+    return lines
+
+
+def _ranges(numbers: list[int]) -> str:
+    """``0-5, 8, 10-11``."""
+    spans: list[list[int]] = []
+    for n in sorted(numbers):
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in spans)
 
 
 def format_value(value) -> str:
@@ -182,6 +220,7 @@ def format_status(status: dict) -> str:
     for row in [header, *rows]:
         lines.append("  ".join(str(x).ljust(w) for x, w in zip(row[:-1], widths[:-1], strict=True)) + "  " + row[-1])
     lines += ["", f"Pareto front (*): trials {', '.join(map(str, sorted(front))) or 'none yet'}"]
+    lines += version_lines(status["trials"], status.get("file_versions", []))
     measured = [t["latency"] for t in status["trials"] if t.get("latency")]
     if measured:
         units = sorted({m["unit"] for m in measured})

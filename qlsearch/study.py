@@ -219,6 +219,16 @@ RESOURCE_SPECS = {"cpus_per_trial": Knob(float, low=0, low_open=True), "gpus_per
                   "max_concurrent": Knob(int, low=1), "cpu_fallback": Knob(bool)}
 
 
+@dataclass(frozen=True)
+class Drivers:
+    """Several sweep drivers on one study (qlsearch/_drivers.py): each driver records a
+    heartbeat for every trial it runs every ``heartbeat_seconds``; a running trial whose last
+    heartbeat is older than ``grace_seconds`` has lost its driver and is run again."""
+
+    heartbeat_seconds: int = 10
+    grace_seconds: int = 60
+
+
 @dataclass
 class Study:
     name: str
@@ -230,6 +240,7 @@ class Study:
     seeds: list[int] = field(default_factory=lambda: [0])
     num_trials: int = 8
     resources: Resources = field(default_factory=Resources)
+    drivers: Drivers = field(default_factory=Drivers)
     scheduler: str = "none"
     sampler: str = "tpe"
     storage: str | None = None  # None: sqlite file under the run folder
@@ -261,23 +272,26 @@ class Study:
             return None
         return size - sum(b.method == space.method and space.contains(b.knobs) for b in self.baselines)
 
-    def budget(self) -> Budget:
-        """The budget, capped at the number of distinct configurations where that is finite."""
+    def budget(self, extra: int = 0) -> Budget:
+        """The budget (``extra`` trials added by ``--more``, per method with ``trials_per_method``),
+        capped at the number of distinct configurations where that is finite."""
         sizes = {s.method: self.distinct(s) for s in self.spaces}
+        asked = self.num_trials + extra
         if self.trials_per_method:
-            per = {m: self.trials_per_method if n is None else min(self.trials_per_method, n)
-                   for m, n in sizes.items()}
+            wanted = self.trials_per_method + extra
+            per = {m: wanted if n is None else min(wanted, n) for m, n in sizes.items()}
             total = sum(per.values())
+            asked = wanted * len(sizes)
         else:
             per = {}
             finite = None not in sizes.values()
-            total = min(self.num_trials, sum(sizes.values())) if finite else self.num_trials
+            total = min(asked, sum(sizes.values())) if finite else asked
         note = ""
-        if total < self.num_trials:
+        if total < asked:
             counts = ", ".join(f"{m} {n}" for m, n in sizes.items())
-            note = (f"budget {self.num_trials} capped at {total} distinct configurations ({counts}, "
+            note = (f"budget {asked} capped at {total} distinct configurations ({counts}, "
                     "a baseline's own configuration left out): a configuration never runs twice")
-        return Budget(total, per, self.num_trials, note)
+        return Budget(total, per, asked, note)
 
     def settings(self, knobs: dict) -> tuple[dict, TrainSpec]:
         """A configuration's adapter knobs, and the study's training settings with the
@@ -311,7 +325,7 @@ class Study:
 _TOP_LEVEL = {"name", "description", "task", "train", "objectives", "space", "baselines", "seeds",
               "num_trials", "trials_per_method", "resources", "scheduler", "sampler", "storage", "max_retries",
               "storage_retry_seconds",
-              "profile", "cache_dir", "allow_test_selection"}
+              "profile", "cache_dir", "allow_test_selection", "drivers"}
 
 
 def _fail(where: str, message: str) -> ValueError:
@@ -487,6 +501,19 @@ def _baseline(i: int, table) -> Baseline:
     return Baseline(method, dict(knobs), label)
 
 
+def _drivers(table) -> Drivers:
+    allowed = "integers heartbeat_seconds >= 1 and grace_seconds > heartbeat_seconds"
+    if not isinstance(table, dict):
+        raise _fail("drivers", f"got {table!r}; allowed: a table of {allowed}")
+    _check_fields(Drivers, table, "drivers")
+    drivers = Drivers(**table)
+    seconds = (drivers.heartbeat_seconds, drivers.grace_seconds)
+    if not (all(isinstance(v, int) and not isinstance(v, bool) for v in seconds)
+            and 1 <= drivers.heartbeat_seconds < drivers.grace_seconds):
+        raise _fail("drivers", f"got {table!r}; allowed: {allowed}")
+    return drivers
+
+
 def parse_study(data: dict, path: str | None = None) -> Study:
     """A validated ``Study`` from a parsed study file."""
     unknown = sorted(set(data) - _TOP_LEVEL)
@@ -565,6 +592,7 @@ def parse_study(data: dict, path: str | None = None) -> Study:
     for key, spec in {"max_retries": Knob(int, low=0), "profile": Knob(bool), "cache_dir": Knob(str),
                       "storage": Knob(str)}.items():
         check_values({key: data[key]} if key in data else {}, {key: spec}, "study")
+    drivers = _drivers(data.get("drivers", {}))
     scheduler = data.get("scheduler", "none")
     if scheduler not in SCHEDULERS:
         raise _fail("study.scheduler", f"got {scheduler!r}; allowed: {', '.join(SCHEDULERS)}")
@@ -592,6 +620,7 @@ def parse_study(data: dict, path: str | None = None) -> Study:
         seeds=seeds,
         num_trials=num_trials,
         resources=resources,
+        drivers=drivers,
         scheduler=scheduler,
         sampler=sampler,
         storage=data.get("storage"),

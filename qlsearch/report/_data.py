@@ -37,6 +37,7 @@ class TrialRow(NamedTuple):
     started: datetime | None
     completed: datetime | None
     records: tuple[dict, ...]  # one per seed, in seed order
+    version: int | None = None  # of the study file it ran under (qlsearch/_drivers.py)
 
     @property
     def complete(self) -> bool:
@@ -109,6 +110,7 @@ def load_study_data(study: Study, root: str | Path = "runs") -> StudyData:
             completed=t.datetime_complete,
             records=_records(attrs.get("record_dir"), study.run_dir(root) / "trials" / tune_id) if tune_id
             or attrs.get("record_dir") else (),
+            version=attrs.get("file_version"),
         ))
     return StudyData(study, url, tuple(sorted(rows, key=lambda r: r.number)), dict(ot_study.user_attrs))
 

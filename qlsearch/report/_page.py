@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 from qlsearch.report._coverage import coverage_rows
 from qlsearch.report._data import Section, StudyData, Table, axis_label, fmt, machine_text
-from qlsearch.status import OVERHEAD_PARTS, overhead_breakdown
+from qlsearch.status import OVERHEAD_PARTS, overhead_breakdown, version_lines
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto; max-width: 1200px;
@@ -103,6 +103,7 @@ def _get_header(data: StudyData) -> Header:
         ("trials", f"{counts['COMPLETE']} finished, {counts['FAIL']} failed, {counts['RUNNING']} running"
                    + (f", {counts['WAITING']} waiting" if counts["WAITING"] else "")
                    + f" (of {len(trials)}; the study asks for {study.num_trials} searched"
+                   + (f" + {data.user_attrs['more_trials']} added with --more" if data.user_attrs.get("more_trials") else "")
                    + f" + {len(study.baselines)} baseline(s))"),
         ("dates", f"first trial started {min(started):%Y-%m-%d %H:%M:%S}, last completed "
                   f"{max(completed):%Y-%m-%d %H:%M:%S}" if started and completed else "no trial has finished"),
@@ -120,6 +121,10 @@ def _get_header(data: StudyData) -> Header:
             + [f"{k} = {v}" for k, v in s.fixed.items()]) for s in study.spaces) or "nothing (baselines only)"),
     ]
     rows += coverage_rows(data)
+    versions = version_lines([{"number": t.number, "state": t.state, "version": t.version} for t in trials],
+                             data.user_attrs.get("file_versions") or [])
+    if versions:
+        rows.append(("file versions", " | ".join(versions)))
     rows.append(("environment", _per_trial(data, _versions) + ", from the trial records"))
     rows.append(("hardware", _per_trial(data, machine_text) + ", from the trial records"))
     sweeps = data.user_attrs.get("sweeps") or []
