@@ -48,7 +48,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import optuna
-from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from qlsearch._drivers import (
