@@ -293,7 +293,7 @@ class StudySearch(OptunaSearch):
                      storage=storage, study_name=study.name, sampler=samplers[study.sampler](seed=seed))
         search.driver = driver or Driver(study.drivers.heartbeat_seconds, version=1)
         search.unstored_dir, search.outage = Path(unstored_dir), None
-        search.study = study
+        search.study = replace(study, storage=hide_password(study.storage))  # Tune pickles the searcher
         return search
 
     def __getstate__(self) -> dict:
