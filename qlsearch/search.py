@@ -38,9 +38,10 @@ from pathlib import Path
 import optuna
 from ray.tune.search.optuna import OptunaSearch
 
+from qlsearch._failures import WORKER_RAISED, WorkerFailures
 from qlsearch._registry import plugin_modules
 from qlsearch.study import MethodSpace, Param, Study
-from qlsearch.trial import TrialConfig, run_trial, write_record
+from qlsearch.trial import TrialConfig, record_attempt, run_trial, write_record
 
 INTERRUPTED = "interrupted: the sweep's driver stopped before this trial finished"
 
@@ -162,6 +163,7 @@ def run_configuration(config: dict, study: Study, record_dir: str, report=None,
     progress = _asha_progress(study, report) if report is not None else None
     knobs, train = study.settings(config["knobs"])
     records, failure = [], None
+    attempts = record_attempt(record_dir)
     started = time.time()
     for seed in study.seeds:
         trial = TrialConfig(method=config["method"], knobs=dict(knobs), task=study.task,
@@ -176,6 +178,7 @@ def run_configuration(config: dict, study: Study, record_dir: str, report=None,
             break  # the configuration failed: the other seeds would not rescue its objectives
     result = {"status": "failed" if failure else "completed", "failure": failure,
               "record_dir": record_dir, "trial_seconds": time.time() - started,
+              "node": attempts[-1]["node"], "attempts": len(attempts),
               "latency": next((r["profile"]["latency"] for r in records if "latency" in r["profile"]), None),
               "seeds": [r["seed"] for r in records], **aggregate(records, reported_metrics(study))}
     if failure:
@@ -214,11 +217,16 @@ def _nested(result: dict, name: str) -> dict | None:
 class StudySearch(OptunaSearch):
     """``OptunaSearch`` that records each trial's configuration and outcome as user attrs,
     and never leaves an Optuna trial RUNNING: anything but a completed trial with finite
-    objectives is told as FAIL, with its reason.
+    objectives is told as FAIL, with its reason. A trial whose worker failed is told when
+    its reason arrives (``fail``, from ``WorkerFailures``, which Tune calls just after).
 
     It relies on ``OptunaSearch``'s ``_ot_trials``/``_ot_study``/``_completed_trials``;
     tests/test_search.py checks this against the installed Ray.
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._awaiting_reason: set[str] = set()  # failed workers, told once their reason arrives
 
     @classmethod
     def for_study(cls, study: Study, storage, seed: int) -> StudySearch:
@@ -241,6 +249,9 @@ class StudySearch(OptunaSearch):
     def on_trial_complete(self, trial_id, result=None, error=False):
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
+        if error and result is None:  # Tune's call for a failed worker: the reason follows
+            self._awaiting_reason.add(trial_id)
+            return
         ot_trial = self._ot_trials[trial_id]
         result = result or {}
         values = [result.get(m) for m in self.metric]
@@ -248,14 +259,15 @@ class StudySearch(OptunaSearch):
         ok = finished and all(isinstance(v, int | float) and math.isfinite(v) for v in values)
         attrs = {"status": result.get("status", "error"), "tune_trial_id": trial_id,
                  "record_dir": result.get("record_dir"), "trial_seconds": result.get("trial_seconds"),
-                 "latency": _nested(result, "latency"), "seeds": result.get("seeds")}
+                 "latency": _nested(result, "latency"), "seeds": result.get("seeds"),
+                 "node": _nested(result, "node"), "attempts": result.get("attempts")}
         attrs.update({k: v for k, v in result.items() if k.endswith(("_std", "_seeds"))})
         # the test twins of val objectives: reported beside them, never told to Optuna
         attrs.update({k: v for k, v in result.items() if k.startswith("test_") and k not in self.metric})
         if not ok:
             attrs["failure"] = result.get("failure") or (
                 "stopped early by the scheduler" if result and not finished and not error
-                else "the trial's worker raised; see the Ray Tune logs")
+                else WORKER_RAISED)
         for key, value in attrs.items():
             ot_trial.set_user_attr(key, value)
         if ok:
@@ -263,6 +275,17 @@ class StudySearch(OptunaSearch):
         else:  # failed, diverged or stopped early: never a point of the front
             self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
         self._completed_trials.add(trial_id)
+
+    def fail(self, trial_id, result: dict) -> None:
+        """End a trial whose worker failed (and was not retried) as FAIL; ``result`` holds
+        its ``failure`` (the reason) and what is known of it (``record_dir``, ``node``)."""
+        self._awaiting_reason.discard(trial_id)
+        self.on_trial_complete(trial_id, {"status": "error", **result}, error=True)
+
+    def fail_unexplained(self) -> None:
+        """After the sweep: a failed worker whose reason never came still ends FAIL."""
+        for trial_id in sorted(self._awaiting_reason):
+            self.fail(trial_id, {"failure": WORKER_RAISED})
 
 
 # ---- preparing the study: resume, baselines ----------------------------------------
@@ -376,7 +399,10 @@ def run_sweep(study: Study, root: str | Path = "runs", address: str | None = Non
         if address:
             ray.init(address=address, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
+            # "local": a Ray of its own, even where `ray start` left this machine's address
+            # in /tmp/ray/ray_current_cluster (a plain ray.init() would join that cluster)
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                     runtime_env=runtime_env)
     ray_ready = time.time()
     run_dir = study.run_dir(root).resolve()
     search = StudySearch.for_study(study, storage, seed=len(ot_study.trials))
@@ -386,7 +412,11 @@ def run_sweep(study: Study, root: str | Path = "runs", address: str | None = Non
 
         primary = study.objectives[0]
         scheduler = ASHAScheduler(metric=primary.name, mode="max" if primary.higher_is_better else "min")
-    lines = TrialLines([m.name for m in study.objectives], verbose=verbose)
+    failures = WorkerFailures(search, run_dir)
+    lines = TrialLines([m.name for m in study.objectives], verbose=verbose, reasons=failures.reasons)
+    # FailureConfig: a trial whose worker (or node) died runs again up to max_retries times,
+    # afresh and wherever there is room; after that it ends FAIL, its reason told by
+    # WorkerFailures (node died: ...), and the sweep goes on
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(_trainable, study=study, run_dir=str(run_dir)),
                             _resources(study)),
@@ -396,11 +426,12 @@ def run_sweep(study: Study, root: str | Path = "runs", address: str | None = Non
                                     max_concurrent_trials=study.resources.max_concurrent,
                                     reuse_actors=True),
         run_config=tune.RunConfig(name="tune", storage_path=str(run_dir / "ray"), verbose=0,
-                                  callbacks=[lines],
+                                  callbacks=[failures, lines],
                                   failure_config=tune.FailureConfig(max_failures=study.max_retries)),
     )
     fit_started = time.time()
     tuner.fit()
+    search.fail_unexplained()
     ended = time.time()
     wall, busy = ended - started, lines.busy_seconds()
     parts = {"storage_seconds": storage_ready - started, "ray_start_seconds": ray_ready - storage_ready,

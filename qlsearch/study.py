@@ -127,7 +127,9 @@ class Study:
     storage: str | None = None  # None: sqlite file under the run folder
     trials_per_method: int | None = None  # None: num_trials is one budget for all searched methods
     allow_test_selection: bool = False  # a test metric may be an objective (the report says so)
-    max_retries: int = 0  # re-runs of a trial whose worker crashed (a trial's own failure is final)
+    #: re-runs of a trial whose worker or node died, afresh on a node with room (a trial's own
+    #: failure is final); past them it ends failed with the reason ("node died: ...")
+    max_retries: int = 0
     profile: bool = True
     description: str = ""
     cache_dir: str = "runs/cache"
@@ -330,6 +332,10 @@ def parse_study(data: dict, path: str | None = None) -> Study:
     if sampler == "grid" and ranges:
         raise _fail("study.sampler", f"grid needs lists of values, but {ranges[0]} is a range; "
                     "allowed: list every value, or another sampler")
+    max_retries = data.get("max_retries", 0)  # Tune's FailureConfig(max_failures=...)
+    if not (isinstance(max_retries, int) and not isinstance(max_retries, bool) and max_retries >= 0):
+        raise _fail("study.max_retries", f"got {max_retries!r}; allowed: an integer >= 0 (how often a "
+                    "trial whose worker or node died runs again before it ends failed)")
     return Study(
         name=name,
         description=data.get("description", ""),
@@ -346,7 +352,7 @@ def parse_study(data: dict, path: str | None = None) -> Study:
         storage=data.get("storage"),
         trials_per_method=per_method,
         allow_test_selection=allow_test,
-        max_retries=int(data.get("max_retries", 0)),
+        max_retries=max_retries,
         profile=bool(data.get("profile", True)),
         cache_dir=data.get("cache_dir", "runs/cache"),
         path=path,

@@ -205,6 +205,38 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def node_info() -> dict:
+    """Where this process runs: the host name and, inside a Ray worker, the Ray node's id
+    and IP (None outside Ray). Several nodes of a test cluster share one host, so the
+    node id is what tells them apart."""
+    import socket
+    import sys
+
+    node = {"host": socket.gethostname(), "node_id": None, "ip": None}
+    ray = sys.modules.get("ray")  # a trial outside a sweep never imports (or starts) Ray
+    if ray is not None and ray.is_initialized():
+        node.update(node_id=ray.get_runtime_context().get_node_id(), ip=ray.util.get_node_ip_address())
+    return node
+
+
+def record_attempt(record_dir: str | Path) -> list[dict]:
+    """Append this run of a sweep's trial (its node, when it started) to the trial's
+    ``attempts.jsonl``; returns every attempt so far. A trial that Tune retried after its
+    worker or node died has more than one, each on the node it ran on."""
+    path = Path(record_dir) / "attempts.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fh.write(json.dumps({"node": node_info(), "started": time.time()}) + "\n")
+    return read_attempts(record_dir)
+
+
+def read_attempts(record_dir: str | Path) -> list[dict]:
+    """The attempts ``record_attempt`` wrote, oldest first (none: an empty list)."""
+    path = Path(record_dir) / "attempts.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [json.loads(line) for line in lines if line.strip()]
+
+
 def _machine(device: str) -> dict:
     from qlsearch.profiling._machine import machine_info
 
@@ -225,6 +257,7 @@ def run_trial(config: TrialConfig, progress=None) -> dict:
         "versions": versions(),
         "git": git_revision(),
         "machine": _machine(config.device),  # where it ran: the report shows it per trial
+        "node": node_info(),  # which node of a cluster
         "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
     }
     try:
