@@ -9,8 +9,8 @@ the cluster) as a real ``qlsearch sweep`` does. A trial is tiny on purpose (one 
 of the deep MLP on sin_cos, no profiling): what is measured is what the sweep adds around it.
 
 * wall: ``run_sweep`` from opening the study to the end of ``Tuner.fit``.
-* trial work: the union of the trials' own spans, timed inside the trial's worker (from the
-  start of its first seed to the end of its last: ``attempts.jsonl`` + ``trial_seconds``).
+* trial work: the union of the trials' own spans, timed inside the trial's worker (each seed
+  record's ``started_at`` and ``duration_s``: the trial itself, from backbone to record).
 * overhead = wall - trial work; its least-squares line over the trial counts splits it into
   a fixed part (Ray start, Tune set-up, the first worker's start) and a per-trial part.
 
@@ -54,11 +54,12 @@ def union_seconds(spans: list[tuple[float, float]]) -> float:
 
 def one_sweep(n: int, root: Path, address: str | None, concurrent: int, storage: str | None) -> dict:
     """Run one sweep of ``n`` tiny trials in this process; its timing as a dict."""
+    from datetime import datetime
+
     import optuna
 
     from qlsearch.search import run_sweep
     from qlsearch.study import parse_study
-    from qlsearch.trial import read_attempts
 
     name = f"overhead{n}_{os.getpid()}"
     data = {**TINY, "name": name, "num_trials": n, "cache_dir": str(root / "cache"),
@@ -70,8 +71,10 @@ def one_sweep(n: int, root: Path, address: str | None, concurrent: int, storage:
     trials = optuna.load_study(study_name=name, storage=study.storage_url(root)).get_trials()
     spans = []
     for t in trials:
-        started = read_attempts(t.user_attrs["record_dir"])[-1]["started"]
-        spans.append((started, started + t.user_attrs["trial_seconds"]))
+        for path in Path(t.user_attrs["record_dir"]).glob("seed*.json"):
+            record = json.loads(path.read_text())
+            started = datetime.fromisoformat(record["started_at"]).timestamp()
+            spans.append((started, started + record["duration_s"]))
     work = union_seconds(spans)
     return {"trials": n, "complete": sum(t.state.name == "COMPLETE" for t in trials),
             "wall": summary["wall_seconds"], "trial_work": work, "overhead": summary["wall_seconds"] - work,
@@ -131,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, __file__, "--one", str(n), "--concurrent", str(concurrent)]
             cmd += ["--address", cluster.address] if cluster else []
             cmd += ["--storage", args.storage] if args.storage else []
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            # a PYTHONPATH given first (e.g. an older checkout to compare with), then this one
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.environ.get("PYTHONPATH", ""), str(ROOT)]),
                    "HF_HUB_OFFLINE": "1"}
             out = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if out.returncode:

@@ -269,7 +269,8 @@ class StudySearch(OptunaSearch):
                 "stopped early by the scheduler" if result and not finished and not error
                 else WORKER_RAISED)
         for key, value in attrs.items():
-            ot_trial.set_user_attr(key, value)
+            if value is not None:  # one storage transaction each: a missing attr reads as None too
+                ot_trial.set_user_attr(key, value)
         if ok:
             self._ot_study.tell(ot_trial, values)
         else:  # failed, diverged or stopped early: never a point of the front
@@ -391,6 +392,9 @@ def run_sweep(study: Study, root: str | Path = "runs", address: str | None = Non
         return summary
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local clusters: no token auth
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Tune's own JSON/CSV/TensorBoard result files per trial: the study and the seed records
+    # hold every result, and writing them is per-trial overhead (docs/cluster.md)
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     if not ray.is_initialized():
         # the workers import the study's module:attribute plug-ins by name: ship those that
         # are not installed, so every node of a cluster (and a local one) can import them

@@ -8,6 +8,7 @@ git revision: nothing about a run lives only in a log.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import platform
@@ -177,6 +178,11 @@ class TrialConfig:
 
 
 def versions() -> dict[str, str | None]:
+    return dict(_versions())
+
+
+@functools.cache  # per process: a sweep's worker runs many trials with the code it imported
+def _versions() -> dict[str, str | None]:
     found = {"python": platform.python_version()}
     for package in PACKAGES:
         try:
@@ -186,7 +192,8 @@ def versions() -> dict[str, str | None]:
     return found
 
 
-def git_revision() -> str | None:
+@functools.cache  # per process (two git calls a seed otherwise): the code a process runs is
+def git_revision() -> str | None:  # the code it imported, whatever the checkout does later
     """The checkout's commit (``+dirty`` with uncommitted changes), or None outside git."""
     root = Path(__file__).resolve().parents[1]
     try:

@@ -6,11 +6,12 @@ separate raylet with its own processes, on this one machine. The sweeps are ``ql
 sweep --address`` processes, as on a real cluster. Killing a node is ``remove_node``
 without a graceful shutdown: its raylet and every worker on it get SIGKILL.
 
-Slow (several minutes on 2 cores): ``.ci/run`` runs this file after ``make test``.
+The cluster tests are slow (minutes on 2 cores): ``.ci/run`` runs them after ``make test``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -23,8 +24,6 @@ import optuna
 import pytest
 
 ray = pytest.importorskip("ray")
-
-pytestmark = pytest.mark.slow
 
 POSTGRES = os.environ.get("QLSEARCH_TEST_POSTGRES_URL")
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +58,7 @@ max_concurrent = {concurrent}
 """
 
 
-def test_cluster():
+def head_only_cluster():
     """A CPU-less head node. Ray's harness would also write its address to
     /tmp/ray/ray_current_cluster, where every later ``ray.init()`` on this machine (other
     tests, other sweeps) would join it: the sweeps here are given the address instead."""
@@ -75,7 +74,7 @@ class Nodes:
     """The test cluster: a CPU-less head, and worker nodes of one CPU each to add and kill."""
 
     def __init__(self):
-        self.cluster = test_cluster()
+        self.cluster = head_only_cluster()
         self.head = self.cluster.head_node._node_id
         self.workers: dict = {}
         self.killed: list[str] = []
@@ -120,8 +119,15 @@ def start_sweep(path: Path, root: Path, address: str) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True)
 
 
+@functools.cache
+def _storage() -> optuna.storages.RDBStorage:
+    """One storage (one connection pool) for every read: the polling loops read often, and a
+    storage per read would hold PostgreSQL connections until it is collected."""
+    return optuna.storages.RDBStorage(POSTGRES)
+
+
 def trials_of(name: str) -> list[optuna.trial.FrozenTrial]:
-    return optuna.load_study(study_name=name, storage=POSTGRES).get_trials()
+    return optuna.load_study(study_name=name, storage=_storage()).get_trials()
 
 
 def attempts(record_dir: Path) -> list[dict]:
@@ -129,6 +135,7 @@ def attempts(record_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
+@pytest.mark.slow
 def test_sweep_spreads_its_trials_over_the_worker_nodes(nodes, tmp_path):
     """``qlsearch sweep --address``: 4 trials, 2 at a time, on two one-CPU worker nodes; every
     record and the status say which node ran it, and both workers (never the head) did."""
@@ -233,6 +240,7 @@ def check_counts(name: str, kills: list[dict], finished_then: list[dict], nodes:
             "retried": sum((t.user_attrs.get("attempts") or 1) > 1 for t in trials)}
 
 
+@pytest.mark.slow
 def test_killed_nodes_trials_run_again_on_another_node(nodes, tmp_path):
     """max_retries = 1: a trial whose node dies is run again, afresh, on a node that lives;
     every trial completes, none is lost or repeated."""
@@ -247,6 +255,7 @@ def test_killed_nodes_trials_run_again_on_another_node(nodes, tmp_path):
     print(f"retry: kills {[k['point'] for k in kills]}: {counts}")
 
 
+@pytest.mark.slow
 def test_killed_nodes_trials_end_failed_with_the_reason(nodes, tmp_path):
     """max_retries = 0: the trial running on a killed node ends FAIL, "node died: ...", and the
     sweep goes on to finish the budget."""
@@ -263,3 +272,45 @@ def test_killed_nodes_trials_end_failed_with_the_reason(nodes, tmp_path):
             assert attempts(Path(t.user_attrs["record_dir"]))[-1]["node"]["node_id"] in nodes.killed
     assert counts["complete"] == 6 - counts["failed"] and counts["retried"] == 0
     print(f"fail: kills {[k['point'] for k in kills]}: {counts}")
+
+
+# ---- the pieces, without a cluster ---------------------------------------------------
+
+
+def test_a_trial_outside_ray_records_its_host_and_no_node():
+    from qlsearch.trial import node_info
+
+    assert node_info() == {"host": socket.gethostname(), "node_id": None, "ip": None}
+
+
+def test_attempts_are_appended_in_order(tmp_path):
+    from qlsearch.trial import read_attempts, record_attempt
+
+    assert read_attempts(tmp_path / "t") == []
+    first = record_attempt(tmp_path / "t")
+    second = record_attempt(tmp_path / "t")
+    assert len(first) == 1 and second[0] == first[0] and len(second) == 2
+    assert second[1]["started"] >= second[0]["started"] and second[1]["node"]["host"] == socket.gethostname()
+
+
+def test_failure_reasons_name_what_failed():
+    from ray.exceptions import ActorUnavailableError
+
+    from qlsearch._failures import WORKER_RAISED, failure_reason
+
+    assert failure_reason(None, None) == WORKER_RAISED
+    assert failure_reason(ValueError("bad knob\ndetails"), None) == "ValueError: bad knob"
+    assert failure_reason("Failure # 1\nboom", None) == "Failure # 1"
+    lost = ActorUnavailableError("The actor is temporarily unavailable: RpcError: Socket closed", b"\x00" * 16)
+    # a lost worker whose node is unknown is a worker's death, never a node's
+    assert failure_reason(lost, None).startswith("worker died: ")
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, "2", True])
+def test_max_retries_must_be_a_count(value):
+    from qlsearch.study import parse_study
+
+    with pytest.raises(ValueError, match=r"^study\.max_retries: got .*allowed: an integer >= 0"):
+        parse_study({"name": "r", "max_retries": value, "objectives": ["val_mse"],
+                     "task": {"kind": "synthetic", "name": "sin_cos", "backbone": "mlp"},
+                     "space": {"lora": {"r": [2]}}})
