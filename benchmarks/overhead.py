@@ -13,6 +13,9 @@ of the deep MLP on sin_cos, no profiling): what is measured is what the sweep ad
   record's ``started_at`` and ``duration_s``: the trial itself, from backbone to record).
 * overhead = wall - trial work; its least-squares line over the trial counts splits it into
   a fixed part (Ray start, Tune set-up, the first worker's start) and a per-trial part.
+* between trials: from the first trial's start to the last one's end, the time no trial
+  ran. Divided by the trials, it is the per-trial part measured directly, free of the
+  start-up costs that move most with the machine's load.
 
 Timings on a shared machine move with its load; the fitted per-trial part and the ratios are
 the figures to compare, and the load average is printed beside them.
@@ -76,7 +79,8 @@ def one_sweep(n: int, root: Path, address: str | None, concurrent: int, storage:
             started = datetime.fromisoformat(record["started_at"]).timestamp()
             spans.append((started, started + record["duration_s"]))
     work = union_seconds(spans)
-    return {"trials": n, "complete": sum(t.state.name == "COMPLETE" for t in trials),
+    between = max(b for _, b in spans) - min(a for a, _ in spans) - work
+    return {"trials": n, "complete": sum(t.state.name == "COMPLETE" for t in trials), "between_trials": between,
             "wall": summary["wall_seconds"], "trial_work": work, "overhead": summary["wall_seconds"] - work,
             "mean_trial": sum(b - a for a, b in spans) / len(spans),
             **{k: summary[k] for k in ("storage_seconds", "ray_start_seconds", "workers_start_seconds")},
@@ -146,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{where}: {n:4d} trials ({q['complete']} complete), {concurrent} at a time: wall {q['wall']:.1f}s, "
                   f"trial work {q['trial_work']:.1f}s (mean trial {q['mean_trial']:.2f}s), overhead "
                   f"{q['overhead']:.1f}s = {100 * q['overhead'] / q['wall']:.0f}% (Ray start "
-                  f"{q['ray_start_seconds']:.1f}s, workers' start {q['workers_start_seconds']:.1f}s); "
+                  f"{q['ray_start_seconds']:.1f}s, workers' start {q['workers_start_seconds']:.1f}s); between trials "
+                  f"{q['between_trials']:.1f}s = {q['between_trials'] / n:.3f}s a trial; "
                   f"load {q['load']:.1f}", flush=True)
     finally:
         if cluster:

@@ -267,9 +267,15 @@ def test_killed_nodes_trials_end_failed_with_the_reason(nodes, tmp_path):
         assert trial.state == optuna.trial.TrialState.FAIL
         assert trial.user_attrs["failure"].startswith(f"node died: Ray node {kill['node'][:12]}"), output
     for t in trials.values():
-        if t.state == optuna.trial.TrialState.FAIL:  # any other (between trials) for the same reason
+        if t.state != optuna.trial.TrialState.FAIL:
+            continue
+        tried = attempts(Path(t.user_attrs["record_dir"]))
+        if tried:  # it began on a node that was killed: that node's death is its reason
+            assert tried[-1]["node"]["node_id"] in nodes.killed
             assert t.user_attrs["failure"].startswith("node died:")
-            assert attempts(Path(t.user_attrs["record_dir"]))[-1]["node"]["node_id"] in nodes.killed
+        else:  # between trials: given the killed node's idle worker, it failed before it began,
+            # with no node of its own on record: the worker's loss is its reason
+            assert t.user_attrs["failure"].startswith("worker died:")
     assert counts["complete"] == 6 - counts["failed"] and counts["retried"] == 0
     print(f"fail: kills {[k['point'] for k in kills]}: {counts}")
 
