@@ -82,7 +82,13 @@ class Nodes:
     def keep(self, n: int) -> None:
         """Add worker nodes until ``n`` are alive."""
         while len(self.workers) < n:
-            node = self.cluster.add_node(num_cpus=1)
+            for tries_left in (2, 1, 0):  # Ray gives a node 30 s to start: a loaded machine can miss it
+                try:
+                    node = self.cluster.add_node(num_cpus=1)
+                    break
+                except Exception:  # noqa: BLE001  ("The current node timed out during startup")
+                    if not tries_left:
+                        raise
             self.workers[node._node_id] = node
         self.cluster.wait_for_nodes()
 
