@@ -159,11 +159,13 @@ def plugin_modules(names: list[str]) -> list:
     """The top-level modules of the ``module:attribute`` references in ``names`` that no installed
     distribution provides: what a Ray cluster must ship to its workers (``runtime_env``'s
     ``py_modules``). Installed plug-ins (entry points included) must be installed on every node."""
+    references = [name for name in names if is_reference(name)]
+    if not references:  # the common case: packages_distributions() reads every installed package
+        return []
     installed = metadata.packages_distributions()
     modules = {}
-    for name in names:
-        if is_reference(name):
-            top = name.partition(":")[0].split(".")[0]
-            if top not in installed and top not in sys.stdlib_module_names:
-                modules[top] = importlib.import_module(top)
+    for name in references:
+        top = name.partition(":")[0].split(".")[0]
+        if top not in installed and top not in sys.stdlib_module_names:
+            modules[top] = importlib.import_module(top)
     return list(modules.values())

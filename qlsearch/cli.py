@@ -195,7 +195,8 @@ def _add_sweep(subparsers: argparse._SubParsersAction) -> None:
                         "finished or running: the sampler goes on from its trials, baselines are not "
                         "re-run; a changed space or baselines become a new file version")
     p.add_argument("--root", default="runs", help="run folder (SQLite storage, records, Ray results)")
-    p.add_argument("--address", help="join this Ray cluster (e.g. ray://head:10001 or auto)")
+    p.add_argument("--address", help="join this Ray cluster (e.g. ray://head:10001, or auto: the one "
+                   "`ray start` began on this machine); without it, a local Ray of the sweep's own")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
     p.add_argument("--quiet", action="store_true", help="no line per finished trial")
     p.set_defaults(run=_run_sweep, parser=p)

@@ -6,6 +6,7 @@ import time
 
 from ray.tune import Callback
 
+from qlsearch._failures import first_line, stored_error
 from qlsearch.status import format_value as _fmt
 
 
@@ -13,9 +14,10 @@ class TrialLines(Callback):
     """Prints ``[n] method knobs -> objectives (time)`` as trials end, and records when
     trials ran, so the sweep's overhead (time with no trial running) can be measured."""
 
-    def __init__(self, objectives: list[str], verbose: bool = True):
+    def __init__(self, objectives: list[str], verbose: bool = True, reasons: dict[str, str] | None = None):
         self.objectives = objectives
         self.verbose = verbose
+        self.reasons = {} if reasons is None else reasons  # failed workers' (WorkerFailures.reasons)
         self.spans: dict[str, list[float]] = {}
         self.finished = 0
 
@@ -32,8 +34,10 @@ class TrialLines(Callback):
         config = trial.config or {}
         who = config.get("baseline") or config.get("method", "?")
         knobs = " ".join(f"{k}={_fmt(v)}" for k, v in sorted((config.get("knobs") or {}).items()))
-        if failed or result.get("status") != "completed":
-            outcome = f"FAILED: {result.get('failure') or 'the worker raised (see Ray logs)'}"
+        if failed:  # the worker (or its node) died: last_result may be an earlier attempt's
+            outcome = f"FAILED: {self.reasons.get(trial.trial_id, 'its worker died (see Ray logs)')}"
+        elif result.get("status") != "completed":
+            outcome = f"FAILED: {result.get('failure')}"
         else:
             outcome = "  ".join(f"{m}={_fmt(result.get(m))}" for m in self.objectives)
         print(f"[{self.finished}] {who} {knobs} -> {outcome} ({span[1] - span[0]:.1f}s)", flush=True)
@@ -43,6 +47,12 @@ class TrialLines(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._end(trial, failed=True)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        if self.verbose:  # FailureConfig: Tune runs it again, afresh, wherever there is room
+            error = stored_error(trial)
+            print(f"[retry] trial {trial.trial_id} lost its worker ({first_line(str(error))}); "
+                  "running it again", flush=True)
 
     def first_start(self) -> float | None:
         """When the first trial started (None: none did)."""

@@ -60,6 +60,7 @@ from qlsearch._drivers import (
     settle_version,
     storage_lock,
 )
+from qlsearch._failures import WORKER_RAISED, WorkerFailures
 from qlsearch._registry import plugin_modules
 from qlsearch._storage import (
     StorageUnavailable,
@@ -71,7 +72,7 @@ from qlsearch._storage import (
     resubmit_unstored,
 )
 from qlsearch.study import LISTABLE, MethodSpace, Param, Study
-from qlsearch.trial import TrialConfig, run_trial, write_record
+from qlsearch.trial import TrialConfig, record_attempt, run_trial, write_record
 
 #: The reason a sampled trial that repeats a configuration of the study is not run (status
 #: leaves these out of a method's budget).
@@ -208,6 +209,7 @@ def run_configuration(config: dict, study: Study, record_dir: str, report=None,
     progress = _asha_progress(study, report) if report is not None else None
     knobs, train = study.settings(config["knobs"])
     records, failure = [], None
+    attempts = record_attempt(record_dir)
     started = time.time()
     for seed in study.seeds:
         trial = TrialConfig(method=config["method"], knobs=dict(knobs), task=study.task,
@@ -224,6 +226,7 @@ def run_configuration(config: dict, study: Study, record_dir: str, report=None,
             break  # the configuration failed: the other seeds would not rescue its objectives
     result = {"status": "failed" if failure else "completed", "failure": failure,
               "record_dir": record_dir, "trial_seconds": time.time() - started,
+              "node": attempts[-1]["node"], "attempts": len(attempts),
               "latency": next((r["profile"]["latency"] for r in records if "latency" in r["profile"]), None),
               "seeds": [r["seed"] for r in records], "cpu_fallback": cpu_fallback,
               **aggregate(records, reported_metrics(study))}
@@ -263,7 +266,8 @@ def _nested(result: dict, name: str) -> dict | None:
 class StudySearch(OptunaSearch):
     """``OptunaSearch`` that records each trial's configuration and outcome as user attrs,
     and never leaves an Optuna trial RUNNING: anything but a completed trial with finite
-    objectives is told as FAIL, with its reason.
+    objectives is told as FAIL, with its reason. A trial whose worker failed is told when
+    its reason arrives (``fail``, from ``WorkerFailures``, which Tune calls just after).
 
     It runs only trials its ``Driver`` claimed from the study's queue (never one that
     ``ask`` would create), so several drivers share one study.
@@ -279,6 +283,10 @@ class StudySearch(OptunaSearch):
     #: what Tune must not pickle: the storage and everything that holds it (its URL has the password)
     _UNPICKLED = ("_storage", "_ot_study", "_ot_trials")
     driver: Driver
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._awaiting_reason: set[str] = set()  # failed workers, told once their reason arrives
 
     @classmethod
     def for_study(cls, study: Study, storage, seed: int, unstored_dir: str | Path, driver: Driver | None = None,
@@ -366,6 +374,9 @@ class StudySearch(OptunaSearch):
     def on_trial_complete(self, trial_id, result=None, error=False):
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
+        if error and result is None:  # Tune's call for a failed worker: the reason follows
+            self._awaiting_reason.add(trial_id)
+            return
         ot_trial = self._ot_trials[trial_id]
         values, attrs = self._outcome(trial_id, result, error)
         self._completed_trials.add(trial_id)
@@ -389,7 +400,8 @@ class StudySearch(OptunaSearch):
         attrs = {"status": result.get("status", "error"), "tune_trial_id": trial_id,
                  "record_dir": result.get("record_dir"), "trial_seconds": result.get("trial_seconds"),
                  "latency": _nested(result, "latency"), "seeds": result.get("seeds"),
-                 "cpu_fallback": result.get("cpu_fallback")}
+                 "cpu_fallback": result.get("cpu_fallback"), "node": _nested(result, "node"),
+                 "attempts": result.get("attempts")}
         attrs.update({k: v for k, v in result.items() if k.endswith(("_std", "_seeds"))})
         # the test twins of val objectives: reported beside them, never told to Optuna
         attrs.update({k: v for k, v in result.items() if k.startswith("test_") and k not in self.metric})
@@ -399,8 +411,9 @@ class StudySearch(OptunaSearch):
             attrs["failure"] = result.get("failure") or (
                 f"finished without a finite value of {', '.join(missing)}" if finished
                 else "stopped early by the scheduler" if result and not error
-                else "the trial's worker raised; see the Ray Tune logs")
-        return (values if ok else None), attrs
+                else WORKER_RAISED)
+        # one storage transaction each: an attr left out reads as None too
+        return (values if ok else None), {k: v for k, v in attrs.items() if v is not None}
 
     def _store(self, ot_trial, values: list | None, attrs: dict) -> int:
         """Tell the storage (retried through outages by ``RetryingStorage``); returns the id of
@@ -450,6 +463,17 @@ def unrun_configuration(study: Study, ot_study, method: str, number: int) -> dic
         return rng.choice(left) if left else None
     draws = (space.random_point(rng) for _ in range(1000))
     return next((k for k in draws if study.config_key(method, k) not in seen), None)
+
+    def fail(self, trial_id, result: dict) -> None:
+        """End a trial whose worker failed (and was not retried) as FAIL; ``result`` holds
+        its ``failure`` (the reason) and what is known of it (``record_dir``, ``node``)."""
+        self._awaiting_reason.discard(trial_id)
+        self.on_trial_complete(trial_id, {"status": "error", **result}, error=True)
+
+    def fail_unexplained(self) -> None:
+        """After the sweep: a failed worker whose reason never came still ends FAIL."""
+        for trial_id in sorted(self._awaiting_reason):
+            self.fail(trial_id, {"failure": WORKER_RAISED})
 
 
 # ---- preparing the study: resume, baselines ----------------------------------------
@@ -596,6 +620,9 @@ def run_sweep(study: Study, root: str | Path = "runs", address: str | None = Non
         return summary
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local clusters: no token auth
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Tune's own JSON/CSV/TensorBoard result files per trial: the study and the seed records
+    # hold every result, and writing them is per-trial overhead (docs/cluster.md)
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     if not ray.is_initialized():
         # the workers import the study's module:attribute plug-ins by name: ship those that
         # are not installed, so every node of a cluster (and a local one) can import them
@@ -604,7 +631,10 @@ def run_sweep(study: Study, root: str | Path = "runs", address: str | None = Non
         if address:
             ray.init(address=address, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
+            # "local": a Ray of its own, even where `ray start` left this machine's address
+            # in /tmp/ray/ray_current_cluster (a plain ray.init() would join that cluster)
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                     runtime_env=runtime_env)
     ray_ready = time.time()
     gpus = ray.cluster_resources().get("GPU", 0)
     fallback = cpu_fallback(study, gpus)
@@ -620,7 +650,11 @@ def run_sweep(study: Study, root: str | Path = "runs", address: str | None = Non
 
         primary = study.objectives[0]
         scheduler = ASHAScheduler(metric=primary.name, mode="max" if primary.higher_is_better else "min")
-    lines = TrialLines([m.name for m in study.objectives], verbose=verbose)
+    failures = WorkerFailures(search, run_dir)
+    lines = TrialLines([m.name for m in study.objectives], verbose=verbose, reasons=failures.reasons)
+    # FailureConfig: a trial whose worker (or node) died runs again up to max_retries times,
+    # afresh and wherever there is room; after that it ends FAIL, its reason told by
+    # WorkerFailures (node died: ...), and the sweep goes on
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(_trainable, study=worker_study, run_dir=str(run_dir),
                                                  cpu_fallback=fallback),
@@ -632,7 +666,7 @@ def run_sweep(study: Study, root: str | Path = "runs", address: str | None = Non
                                     max_concurrent_trials=study.resources.max_concurrent,
                                     reuse_actors=True),
         run_config=tune.RunConfig(name="tune", storage_path=str(run_dir / "ray"), verbose=0,
-                                  callbacks=[lines],
+                                  callbacks=[failures, lines],
                                   failure_config=tune.FailureConfig(max_failures=study.max_retries)),
     )
     fit_started = time.time()
@@ -640,6 +674,7 @@ def run_sweep(study: Study, root: str | Path = "runs", address: str | None = Non
         tuner.fit()
     finally:
         driver.stop()
+    search.fail_unexplained()
     if search.outage is not None:
         kept = sorted(p.name for p in (run_dir / "unstored").glob("*.json"))
         raise StorageUnavailable(f"{search.outage}; the sweep stopped"

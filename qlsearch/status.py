@@ -79,6 +79,9 @@ def _row(trial: optuna.trial.FrozenTrial, objectives: list[str], reported: list[
         "failure": attrs.get("failure"),
         "version": attrs.get("file_version"),  # of the study file (qlsearch/_drivers.py)
         "seconds": attrs.get("trial_seconds"),
+        # where it ran: the Ray node's id, host and IP (its last attempt, when Tune retried it)
+        "node": attrs.get("node"),
+        "attempts": attrs.get("attempts"),
         "forward_ratio": latency and latency["forward_ratio"],
         "latency": latency,
     }
@@ -193,6 +196,17 @@ def format_budget(budget: dict[str, dict]) -> str:
     return ", ".join(parts) + each
 
 
+def node_summary(trials: list[dict]) -> list[str]:
+    """``4c7a2b2c on vm: 3 trials`` per Ray node that ran (the last attempt of) a trial."""
+    counts: dict[tuple, int] = {}
+    for t in trials:
+        node = t.get("node") or {}
+        if node.get("node_id"):
+            key = (node["node_id"][:8], node.get("host"))
+            counts[key] = counts.get(key, 0) + 1
+    return [f"{node_id} on {host}: {n} trial{'s' * (n != 1)}" for (node_id, host), n in sorted(counts.items())]
+
+
 def format_status(status: dict) -> str:
     objectives = [o["metric"] for o in status["objectives"]]
     reported = status.get("reported", [])
@@ -221,6 +235,9 @@ def format_status(status: dict) -> str:
         lines.append("  ".join(str(x).ljust(w) for x, w in zip(row[:-1], widths[:-1], strict=True)) + "  " + row[-1])
     lines += ["", f"Pareto front (*): trials {', '.join(map(str, sorted(front))) or 'none yet'}"]
     lines += version_lines(status["trials"], status.get("file_versions", []))
+    nodes = node_summary(status["trials"])
+    if len(nodes) > 1:  # a cluster: which node ran how many trials
+        lines.append("nodes: " + ", ".join(nodes))
     measured = [t["latency"] for t in status["trials"] if t.get("latency")]
     if measured:
         units = sorted({m["unit"] for m in measured})

@@ -246,7 +246,9 @@ class Study:
     storage: str | None = None  # None: sqlite file under the run folder
     trials_per_method: int | None = None  # None: num_trials is one budget for all searched methods
     allow_test_selection: bool = False  # a test metric may be an objective (the report says so)
-    max_retries: int = 0  # re-runs of a trial whose worker crashed (a trial's own failure is final)
+    #: re-runs of a trial whose worker or node died, afresh on a node with room (a trial's own
+    #: failure is final); past them it ends failed with the reason ("node died: ...")
+    max_retries: int = 0
     profile: bool = True
     description: str = ""
     #: the backbone pre-training cache; None: ``<root>/cache``; a relative path is under the root

@@ -8,6 +8,7 @@ git revision: nothing about a run lives only in a log.
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import subprocess
@@ -179,6 +180,11 @@ class TrialConfig:
 
 
 def versions() -> dict[str, str | None]:
+    return dict(_versions())
+
+
+@functools.cache  # per process: a sweep's worker runs many trials with the code it imported
+def _versions() -> dict[str, str | None]:
     found = {"python": platform.python_version()}
     for package in PACKAGES:
         try:
@@ -188,7 +194,8 @@ def versions() -> dict[str, str | None]:
     return found
 
 
-def git_revision() -> str | None:
+@functools.cache  # per process (two git calls a seed otherwise): the code a process runs is
+def git_revision() -> str | None:  # the code it imported, whatever the checkout does later
     """The checkout's commit (``+dirty`` with uncommitted changes), or None outside git."""
     root = Path(__file__).resolve().parents[1]
     try:
@@ -205,6 +212,38 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def node_info() -> dict:
+    """Where this process runs: the host name and, inside a Ray worker, the Ray node's id
+    and IP (None outside Ray). Several nodes of a test cluster share one host, so the
+    node id is what tells them apart."""
+    import socket
+    import sys
+
+    node = {"host": socket.gethostname(), "node_id": None, "ip": None}
+    ray = sys.modules.get("ray")  # a trial outside a sweep never imports (or starts) Ray
+    if ray is not None and ray.is_initialized():
+        node.update(node_id=ray.get_runtime_context().get_node_id(), ip=ray.util.get_node_ip_address())
+    return node
+
+
+def record_attempt(record_dir: str | Path) -> list[dict]:
+    """Append this run of a sweep's trial (its node, when it started) to the trial's
+    ``attempts.jsonl``; returns every attempt so far. A trial that Tune retried after its
+    worker or node died has more than one, each on the node it ran on."""
+    path = Path(record_dir) / "attempts.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fh.write(json.dumps({"node": node_info(), "started": time.time()}) + "\n")
+    return read_attempts(record_dir)
+
+
+def read_attempts(record_dir: str | Path) -> list[dict]:
+    """The attempts ``record_attempt`` wrote, oldest first (none: an empty list)."""
+    path = Path(record_dir) / "attempts.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def _machine(device: str) -> dict:
@@ -227,6 +266,7 @@ def run_trial(config: TrialConfig, progress=None) -> dict:
         "versions": versions(),
         "git": git_revision(),
         "machine": _machine(config.device),  # where it ran: the report shows it per trial
+        "node": node_info(),  # which node of a cluster
         "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
     }
     try:
