@@ -319,27 +319,40 @@ usage included: [continual.json](continual.json).
     (SECTIONS / "continual.md").write_text(text)
 
 
+def _continual_runs(jobs: list[tuple[str, int]], processes: int) -> None:
+    if processes > 1:
+        with ProcessPoolExecutor(processes) as pool:
+            results = list(pool.map(_run_continual, jobs))
+    else:
+        results = [_run_continual(job) for job in jobs]
+    SECTIONS.mkdir(parents=True, exist_ok=True)
+    (SECTIONS / "continual.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_continual()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("ablation", "continual", "write"))
+    parser.add_argument("what", choices=("ablation", "continual", "write", "all"))
     parser.add_argument("--jobs", type=int, default=2, help="processes in parallel")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the studies'; continual: 0 1 2)")
     args = parser.parse_args(argv)
-    if args.what == "ablation":
+    if args.what == "all":  # one process, cheapest first, each section rewritten as results land
+        _continual_runs([(m, args.seeds[0] if args.seeds else 0) for m in CONTINUAL_METHODS], 1)
+        for seed in args.seeds or [0, 1, 2]:
+            for arm in ARMS:
+                print(_run_arm(arm, [seed]), flush=True)
+                write_instructions()
+    elif args.what == "ablation":
         with ProcessPoolExecutor(args.jobs) as pool:
             for line in pool.map(_run_arm, ARMS, [args.seeds] * len(ARMS)):
                 print(line, flush=True)
         write_instructions()
     elif args.what == "continual":
-        jobs = [(m, s) for s in args.seeds or [0, 1, 2] for m in CONTINUAL_METHODS]
-        with ProcessPoolExecutor(args.jobs) as pool:
-            results = list(pool.map(_run_continual, jobs))
-        SECTIONS.mkdir(parents=True, exist_ok=True)
-        (SECTIONS / "continual.json").write_text(json.dumps(results, indent=1) + "\n")
-        write_continual()
+        _continual_runs([(m, s) for s in args.seeds or [0, 1, 2] for m in CONTINUAL_METHODS], args.jobs)
     else:
         write_instructions()
-        write_continual()
+        if (SECTIONS / "continual.json").exists():
+            write_continual()
     return 0
 
 
