@@ -339,11 +339,11 @@ def _run_params(args: argparse.Namespace) -> int:
 
 # ---- list -----------------------------------------------------------------------------------
 
-_KINDS = ("methods", "tasks", "functions", "metrics")
+_KINDS = ("methods", "tasks", "functions", "multitasks", "metrics")
 
 
 def _add_list(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("list", help="what a study can name: methods, tasks, functions, metrics",
+    p = subparsers.add_parser("list", help="what a study can name: methods, tasks, functions, multitasks, metrics",
                               description="Print the built-ins, PEFT's methods (peft:<name>) and the "
                                           "installed plug-ins (entry points), each with its knobs and "
                                           "where it comes from. module:attribute references are not "

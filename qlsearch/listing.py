@@ -23,11 +23,15 @@ def _registry(kind: str):
         from qlsearch.tasks.synthetic import FUNCTION_REGISTRY
 
         return FUNCTION_REGISTRY
+    if kind == "multitasks":
+        from qlsearch.tasks.multitask import MULTITASK_REGISTRY
+
+        return MULTITASK_REGISTRY
     if kind == "metrics":
         from qlsearch.metrics import METRIC_REGISTRY
 
         return METRIC_REGISTRY
-    raise ValueError(f"kind: got {kind!r}; allowed: methods, tasks, functions, metrics")
+    raise ValueError(f"kind: got {kind!r}; allowed: methods, tasks, functions, multitasks, metrics")
 
 
 def _details(kind: str, entry) -> dict:
@@ -37,11 +41,13 @@ def _details(kind: str, entry) -> dict:
         return {"kind": entry.kind, "dataset": entry.hub_id}
     if kind == "functions":
         return {"domain": [list(d) for d in entry.domain], "shifted": dict(entry.coefficients)}
+    if kind == "multitasks":
+        return {"base": entry.base, "instructions": [m.instruction for m in entry.members]}
     return {"direction": entry.direction, "section": entry.section, "label": entry.label}
 
 
 def listing(kind: str) -> list[dict]:
-    """One row per name of the registry ``kind`` (methods, tasks, functions, metrics)."""
+    """One row per name of the registry ``kind`` (methods, tasks, functions, multitasks, metrics)."""
     return [{"name": item.name, "origin": item.origin, **_details(kind, item.entry)}
             for item in _registry(kind).listed()]
 

@@ -28,8 +28,8 @@ from qlsearch.profiling._quiet import quiet_device
 from qlsearch.profiling._settings import DTYPES
 from qlsearch.train import History, TrialDiverged
 
-TASK_KINDS = ("synthetic", "text")
-INSTRUCTION_MODES = ("task", "none", "shuffled", "random")
+TASK_KINDS = ("synthetic", "text", "multitask")
+INSTRUCTION_MODES = ("task", "none", "shuffled", "random", "adversarial")
 SYNTHETIC_BACKBONES = ("transformer", "mlp")
 PACKAGES = ("qlsearch", "torch", "transformers", "peft", "optuna", "ray", "datasets")
 
@@ -46,17 +46,18 @@ class TaskSpec:
     """What to learn: a synthetic function on a pre-trained regressor, or a text task on an HF LM."""
 
     kind: str = "synthetic"
-    name: str = "dropwave"  # a synthetic function or a text task
-    backbone: str = "transformer"  # "transformer" | "mlp" (synthetic), an HF id or folder (text)
+    name: str = "dropwave"  # a synthetic function, a text task or a multi-task (tasks/multitask.py)
+    backbone: str = "transformer"  # "transformer" | "mlp" (synthetic, multitask), an HF id or folder (text)
     data_files: dict | None = None  # text: local files in the dataset's schema, per split
     limit_train: int | None = None
     limit_val: int | None = None
     limit_test: int | None = None
     max_length: int = 512
     max_new_tokens: int = 64
-    instruction: str | None = None  # text: overrides the task's default instruction
-    #: text, the instruction ablations of Table 8: "task" (the instruction as given), "none",
-    #: "shuffled" (its words in a seeded random order), "random" (a random embedding of equal norm)
+    instruction: str | None = None  # text, multitask: overrides every example's instruction
+    #: text, multitask: the instruction ablations of Table 8: "task" (the instruction as given), "none",
+    #: "shuffled" (its words in a seeded random order), "random" (a random embedding of equal norm),
+    #: "adversarial" (each example another task's instruction: needs two or more distinct ones)
     instruction_mode: str = "task"
     #: the backbone's dtype: its weights and the adapters' compute (``train.precision``
     #: says how the adapters' own weights are stored)
@@ -76,13 +77,15 @@ class TaskSpec:
         if self.instruction_mode not in INSTRUCTION_MODES:
             raise ValueError(f"task.instruction_mode: got {self.instruction_mode!r}; allowed: "
                              f"{', '.join(INSTRUCTION_MODES)}")
-        if self.kind == "synthetic":
+        if self.kind in ("synthetic", "multitask"):
+            from qlsearch.tasks.multitask import get_multitask
             from qlsearch.tasks.synthetic import get_function
 
+            get, field = (get_function, "function") if self.kind == "synthetic" else (get_multitask, "multitask")
             try:
-                get_function(self.name)
+                get(self.name)
             except ValueError as err:
-                raise ValueError(f"task.name: {str(err).removeprefix('function: ')}") from None
+                raise ValueError(f"task.name: {str(err).removeprefix(field + ': ')}") from None
             if self.backbone not in SYNTHETIC_BACKBONES:
                 raise ValueError(f"task.backbone: got {self.backbone!r}; allowed: "
                                  f"{', '.join(SYNTHETIC_BACKBONES)}")
@@ -271,7 +274,7 @@ def run_trial(config: TrialConfig, progress=None) -> dict:
     }
     try:
         torch.manual_seed(config.seed)
-        run = _run_synthetic if config.task.kind == "synthetic" else _run_text
+        run = {"synthetic": _run_synthetic, "text": _run_text, "multitask": _run_multitask}[config.task.kind]
         with quiet_device().working():  # paused while any trial on this node times its latency
             metrics, history, profile, adapter = run(config, _device(config.device), progress)
         record.update(status="completed", metrics=metrics, history=asdict(history), profile=profile,
@@ -353,7 +356,7 @@ def check_targets(task: TaskSpec, method: str) -> None:
     from qlsearch.backbones import SYNTHETIC_TARGETS, build_backbone
     from qlsearch.params import load_config, meta_model
 
-    if task.kind == "synthetic":
+    if task.kind != "text":
         with torch.device("meta"):
             backbone = build_backbone(task.backbone)
         targets = task.targets or SYNTHETIC_TARGETS[task.backbone]
@@ -395,6 +398,58 @@ def _run_synthetic(config: TrialConfig, device: torch.device, progress):
         model(x_test)
     metrics.update(_routing_summary(model))
     profile = _profile(model, (x_test[: train.batch_size],), {}, latency)
+    return metrics, history, profile, adapter
+
+
+def _run_multitask(config: TrialConfig, device: torch.device, progress):
+    """A multi-task (``tasks/multitask.py``): the backbone pre-trained on the base function's
+    source, the members trained together; the queryable adapters read each example's
+    instruction, every other method sees ``x`` only. Records the test MSE of every member."""
+    from types import SimpleNamespace
+
+    from qlsearch.adapters.queryable import QueryableModel
+    from qlsearch.backbones import SYNTHETIC_TARGETS, pretrained_backbone
+    from qlsearch.tasks.multitask import get_multitask, make_multitask_splits
+    from qlsearch.train import fit
+
+    task, train = config.task, config.train
+    splits = make_multitask_splits(task.name, config.seed)
+    backbone = pretrained_backbone(get_multitask(task.name).base, task.backbone, config.seed, config.cache_dir,
+                                   epochs=train.pretrain_epochs, lr=train.pretrain_lr, device=device)
+    dtype = getattr(torch, task.dtype)
+    on = {split: getattr(splits, split) for split in ("train", "val", "test")}
+    knobs = _knobs(config, task.targets or SYNTHETIC_TARGETS[task.backbone])
+    model, frozen, adapter = _adapt(backbone.to(dtype), config, knobs)
+    model = model.to(device)
+    # one row per example, so the ablations (e.g. a wrong task's instruction) may act per example
+    rows = {split: [SimpleNamespace(instruction=splits.instructions[i]) for i in ids.tolist()]
+            for split, (_, _, ids) in on.items()}
+    routed = isinstance(model, QueryableModel)
+    _apply_instruction_mode(task, rows, model if routed else None, config.seed)
+    embedded = {split: model.embed_instruction([r.instruction for r in rows[split]]) if routed else None
+                for split in on}
+    data = {split: (x.to(device, dtype), y.to(device, dtype), embedded[split])
+            for split, (x, y, _) in on.items()}
+
+    def predict(m: nn.Module, split: str, index=slice(None)) -> torch.Tensor:
+        x, _, e = data[split]
+        return m(x[index]) if e is None else m(x[index], instruction=e[index])
+
+    def mse(m: nn.Module, split: str, index=slice(None)) -> torch.Tensor:
+        return nn.functional.mse_loss(predict(m, split, index), data[split][1][index])
+
+    extra = {} if embedded["test"] is None else {"instruction": embedded["test"][: train.batch_size]}
+    latency = _latency(config, frozen, knobs, {"x": data["test"][0][: train.batch_size]}, extra)
+    history = fit(model, lambda m, i: mse(m, "train", i), len(data["train"][0]),
+                  lambda m: {s: mse(m, s).item() for s in data}, **_fit_settings(config), progress=progress)
+    metrics = {**_prefixed(history.summary(), "mse"), **_optimisation(history)}
+    model.eval()
+    with torch.no_grad():
+        errors = (predict(model, "test") - data["test"][1]).float().pow(2).squeeze(-1).cpu()
+    ids = on["test"][2]
+    metrics["test_mse_per_task"] = {m.name: errors[ids == i].mean().item() for i, m in enumerate(splits.members)}
+    metrics.update(_routing_summary(model))  # of the test forward above
+    profile = _profile(model, (data["test"][0][: train.batch_size],), extra, latency)
     return metrics, history, profile, adapter
 
 
@@ -482,6 +537,14 @@ def _apply_instruction_mode(task: TaskSpec, examples: dict, model, seed: int) ->
             words = example.instruction.split()
             random.Random(f"{seed}|{example.instruction}").shuffle(words)
             example.instruction = " ".join(words)
+    elif task.instruction_mode == "adversarial":
+        texts = sorted({e.instruction for e in rows if e.instruction is not None})
+        if len(texts) < 2:
+            raise ValueError("task.instruction_mode: 'adversarial' needs two or more distinct instructions "
+                             "(a multi-task); allowed for one task: task.instruction = another task's")
+        chooser = random.Random(f"{seed}|adversarial")
+        for example in rows:  # a wrong task's instruction, drawn per example: it misleads
+            example.instruction = chooser.choice([t for t in texts if t != example.instruction])
     elif task.instruction_mode == "random" and model is not None:
         encoder = model.instruction_encoder
         generator = torch.Generator().manual_seed(seed)

@@ -243,22 +243,33 @@ def sample(function: str, n: int, seed: int, domain_shift: bool) -> Pair:
     ``x`` is uniform over the domain box, returned in normalised coordinates ``[-1, 1]²``;
     ``y`` is standardised with the source statistics, plus N(0, 0.05²) noise.
     """
-    spec = get_function(function)
+    get_function(function)  # an unknown name is named before anything else
     if not (isinstance(n, int) and n >= 1):
         raise ValueError(f"n: got {n!r}; allowed: an integer >= 1")
     gen = _generator(function, "target" if domain_shift else "source", seed)
     u = 2 * torch.rand(n, 2, generator=gen, dtype=torch.float64) - 1
     noise = NOISE_STD * torch.randn(n, generator=gen, dtype=torch.float64)
-    mean, std = spec.y_stats()
-    if domain_shift:
-        shift = target_shift(function, seed)
-        cos, sin = math.cos(shift.angle), math.sin(shift.angle)
-        rotation = torch.tensor([[cos, -sin], [sin, cos]], dtype=torch.float64)
-        z = (spec.fn(*spec.to_raw(u @ rotation.T).unbind(-1), **shift.coefficients) - mean) / std
-        y = shift.scale * z + shift.offset
-    else:
-        y = (spec.fn(*spec.to_raw(u).unbind(-1)) - mean) / std
+    y = target_values(function, u, seed) if domain_shift else source_values(function, u)
     return u.float(), (y + noise).float().unsqueeze(-1)
+
+
+def source_values(function: str, u: Tensor) -> Tensor:
+    """The source function at normalised inputs ``u`` (n×2), standardised, without noise."""
+    spec = get_function(function)
+    mean, std = spec.y_stats()
+    return (spec.fn(*spec.to_raw(u).unbind(-1)) - mean) / std
+
+
+def target_values(function: str, u: Tensor, seed: int) -> Tensor:
+    """The target function under ``target_shift(function, seed)`` at normalised inputs ``u``
+    (n×2, float64), standardised with the source statistics, without noise."""
+    spec = get_function(function)
+    mean, std = spec.y_stats()
+    shift = target_shift(function, seed)
+    cos, sin = math.cos(shift.angle), math.sin(shift.angle)
+    rotation = torch.tensor([[cos, -sin], [sin, cos]], dtype=torch.float64)
+    z = (spec.fn(*spec.to_raw(u @ rotation.T).unbind(-1), **shift.coefficients) - mean) / std
+    return shift.scale * z + shift.offset
 
 
 @dataclass(frozen=True)
