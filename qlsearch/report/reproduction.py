@@ -163,7 +163,7 @@ def _heatmap(family: str, comparisons: list[Comparison], figures: Path) -> Figur
                            "LoRA, red: above; colours clipped at 100× either way), ours beside the paper's.")
 
 
-def _headline(family: str, summaries: list[MethodSummary], tests: list[PairedTest], n_rows: int) -> list[str]:
+def _headline(summaries: list[MethodSummary], tests: list[PairedTest], n_rows: int) -> list[str]:
     """Sentences written from the numbers alone (the discussion is hand-written)."""
     out = []
     by_method = {t.method: t for t in tests}
@@ -199,7 +199,7 @@ def family_sections(family: str, rows: list[dict], figures: Path, tables: Path) 
              f"on raw targets and ours on standardised ones, so ratios to LoRA are compared, not values.")
     figure = _heatmap(family, comparisons, figures)
     return [
-        Section(f"{family}-headline", f"{family}: headline", [intro, *_headline(family, summaries, tests, len(rows))],
+        Section(f"{family}-headline", f"{family}: headline", [intro, *_headline(summaries, tests, len(rows))],
                 [figure] if figure else []),
         Section(f"{family}-agreement", f"{family}: agreement and wins",
                 ["Beats LoRA: mean test MSE more than 1 % below LoRA's on that function; within 1 % "
