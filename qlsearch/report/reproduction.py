@@ -54,8 +54,8 @@ def _order(method: str) -> tuple:
 
 
 def collect(root: str | Path, out: Path) -> list[str]:
-    """Rewrite ``out/configurations.csv`` from the runs under ``root``; returns the families
-    collected. A family none of whose studies ran under ``root`` keeps its old rows."""
+    """Rewrite ``out/configurations.csv`` from the runs under ``root``; returns the studies
+    collected. A study with no run under ``root`` keeps its rows from the old CSV."""
     from qlsearch.study import load_study, study_files
 
     csv_path = out / CSV_NAME
@@ -64,19 +64,18 @@ def collect(root: str | Path, out: Path) -> list[str]:
     for family, (folder, _) in FAMILIES.items():
         if not Path(folder).is_dir():
             continue
-        found = []
         for path in study_files(folder):
             study = load_study(path)
             if not (Path(root) / study.name).is_dir():
                 continue
             try:
-                found += collect_rows(study, root, family)
+                found = collect_rows(study, root, family)
             except ValueError:
                 continue  # not run in this storage
-        if found:
-            rows += found
-            collected.append(family)
-    rows += [r for r in old if r["family"] not in collected]
+            if found:
+                rows += found
+                collected.append(study.name)
+    rows += [r for r in old if r["study"] not in collected]
     if collected:
         write_rows(csv_path, rows)
     return collected
