@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup test test-all test-oldest lint quickstart bench clean
+.PHONY: setup test test-all test-oldest lint quickstart reproduction reproduction-table1 bench clean
 
 # The CPU build of torch first: a bare `torch` requirement would pull GBs of CUDA wheels.
 $(BIN)/.installed: pyproject.toml
@@ -43,6 +43,19 @@ quickstart: setup
 	HF_HUB_OFFLINE=1 $(BIN)/qlsearch sweep studies/quickstart.toml --resume
 	$(BIN)/qlsearch status quickstart
 	$(BIN)/qlsearch report quickstart
+
+# The paper's synthetic tables at CPU scale (reports/reproduction/protocol.md): each family's
+# sweep resumes (a finished one is a no-op), then the page is rebuilt from the runs. Not in CI.
+# RAY_CHDIR_TO_TRIAL_DIR=0: trials find the shared backbone cache (runs/cache) from the
+# checkout, not from a per-trial working directory.
+# The transformer family (reproduction-table1) is hours on a CPU: its own target.
+reproduction: setup
+	RAY_CHDIR_TO_TRIAL_DIR=0 HF_HUB_OFFLINE=1 $(BIN)/qlsearch sweep studies/reproduction-deep --resume --num-cpus 6
+	$(BIN)/python -m qlsearch.report.reproduction
+
+reproduction-table1: setup
+	RAY_CHDIR_TO_TRIAL_DIR=0 HF_HUB_OFFLINE=1 $(BIN)/qlsearch sweep studies/reproduction-table1 --resume
+	$(BIN)/python -m qlsearch.report.reproduction
 
 # The routed-adapter benchmarks of benchmarks/README.md on this machine (all but the batch-8 run).
 bench: setup

@@ -197,7 +197,7 @@ def _inline(text: str) -> str:
     return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(pieces))
 
 
-def _html(header: Header, sections: list[Section], folder: Path) -> str:
+def _html(header: Header, sections: list[Section], folder: Path, markdown_name: str = "report.md") -> str:
     nav = " ".join(f'<a href="#{_e(s.key)}">{_e(s.title)}</a>' for s in sections)
     rows = "".join(f"<dt>{_e(k)}</dt><dd>{_inline(v)}</dd>" for k, v in header.rows)
     description = _inline(header.description) or '<span class="muted">(no description)</span>'
@@ -206,7 +206,7 @@ def _html(header: Header, sections: list[Section], folder: Path) -> str:
             '<meta name="viewport" content="width=device-width, initial-scale=1">',
             f"<title>{title}</title>", f"<style>{CSS}</style>", "</head>", "<body>",
             f"<h1>{title}</h1>", f"<p>{description}</p>",
-            f'<nav>{nav} <a href="report.md">report.md</a></nav>',
+            f'<nav>{nav} <a href="{_e(markdown_name)}">{_e(markdown_name)}</a></nav>',
             f'<section id="header"><dl class="header">{rows}</dl></section>']
     return "\n".join([*head, *(_html_section(s, folder) for s in sections), "</body>", "</html>"]) + "\n"
 
@@ -243,9 +243,15 @@ def _markdown(header: Header, sections: list[Section]) -> str:
 
 def write_page(data: StudyData, sections: list[Section], folder: Path) -> Path:
     """``index.html`` and ``report.md`` in ``folder``; returns the path of ``index.html``."""
-    header = _get_header(data)
+    return write_pages(_get_header(data), sections, sections, folder)
+
+
+def write_pages(header: Header, md_sections: list[Section], html_sections: list[Section], folder: Path,
+                markdown_name: str = "report.md") -> Path:
+    """``index.html`` from ``html_sections`` and ``<markdown_name>`` from ``md_sections`` (the
+    same sections, except where one holds markup the other cannot show)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "report.md").write_text(_markdown(header, sections))
+    (folder / markdown_name).write_text(_markdown(header, md_sections))
     page = folder / "index.html"
-    page.write_text(_html(header, sections, folder))
+    page.write_text(_html(header, html_sections, folder, markdown_name))
     return page
