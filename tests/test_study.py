@@ -65,7 +65,9 @@ def test_shipped_studies_select_on_validation_and_paper_studies_tune_every_metho
         for space in study.spaces:
             knobs = {p.name for p in space.params} | set(space.fixed)
             assert space.method == "lily" or {"r", "alpha"} <= knobs, (study.name, space.method)
-            if study.name not in ("quickstart", "gpqa-pareto"):  # the paper studies search lr too
+            # the paper studies search lr too; the CPU-scale reproduction runs one configuration
+            # per method at the paper's settings (reports/reproduction/protocol.md)
+            if study.name not in ("quickstart", "gpqa-pareto") and not study.name.startswith("reproduction-"):
                 assert "lr" in {p.name for p in space.params}, (study.name, space.method)
     paper = [s for s in studies.values() if s.path and Path(s.path).name != "quickstart.toml"]
     assert all(len(s.seeds) >= 3 for s in paper)
