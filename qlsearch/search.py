@@ -434,6 +434,17 @@ class StudySearch(OptunaSearch):
             record_outcome(self._ot_study, retry.number, values, {"file_version": self.driver.version, **attrs})
             return retry._trial_id
 
+    def fail(self, trial_id, result: dict) -> None:
+        """End a trial whose worker failed (and was not retried) as FAIL; ``result`` holds
+        its ``failure`` (the reason) and what is known of it (``record_dir``, ``node``)."""
+        self._awaiting_reason.discard(trial_id)
+        self.on_trial_complete(trial_id, {"status": "error", **result}, error=True)
+
+    def fail_unexplained(self) -> None:
+        """After the sweep: a failed worker whose reason never came still ends FAIL."""
+        for trial_id in sorted(self._awaiting_reason):
+            self.fail(trial_id, {"failure": WORKER_RAISED})
+
 
 def _configurations(study: Study, ot_study, but: int | None = None) -> dict:
     """``Study.config_key`` → the number of the first trial with it: every configuration the study
@@ -463,17 +474,6 @@ def unrun_configuration(study: Study, ot_study, method: str, number: int) -> dic
         return rng.choice(left) if left else None
     draws = (space.random_point(rng) for _ in range(1000))
     return next((k for k in draws if study.config_key(method, k) not in seen), None)
-
-    def fail(self, trial_id, result: dict) -> None:
-        """End a trial whose worker failed (and was not retried) as FAIL; ``result`` holds
-        its ``failure`` (the reason) and what is known of it (``record_dir``, ``node``)."""
-        self._awaiting_reason.discard(trial_id)
-        self.on_trial_complete(trial_id, {"status": "error", **result}, error=True)
-
-    def fail_unexplained(self) -> None:
-        """After the sweep: a failed worker whose reason never came still ends FAIL."""
-        for trial_id in sorted(self._awaiting_reason):
-            self.fail(trial_id, {"failure": WORKER_RAISED})
 
 
 # ---- preparing the study: resume, baselines ----------------------------------------

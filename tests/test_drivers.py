@@ -204,7 +204,8 @@ def test_a_stale_trial_is_run_again_once_and_a_late_result_lands_in_its_retry(tm
     study = load_study(path)
     ot, storage = open_study(study, tmp_path / "runs")
     prepare(ot, study)
-    slow = StudySearch.for_study(study, storage, seed=0, driver=Driver(1, version=1))
+    slow = StudySearch.for_study(study, storage, seed=0, unstored_dir=tmp_path / "unstored",
+                                 driver=Driver(1, version=1))
     assert slow.suggest("tune-a") == {"method": "lora", "knobs": {"r": 4}, "baseline": "lora"}  # enqueued first
     lost = slow._ot_trials["tune-a"]
     alive = Driver(1, version=1)
