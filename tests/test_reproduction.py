@@ -120,12 +120,17 @@ def test_page_builds_from_the_csv_and_includes_the_sections_verbatim(tmp_path: P
         writer.writerows({k: "" if r[k] is None else r[k] for k in COLUMNS} for r in _fixture_rows())
     (tmp_path / "sections").mkdir()
     continual = "# Continual routing\n\nForgetting | drift\n---|---\n0.1 | 0.2\n"
-    (tmp_path / "sections" / "continual.md").write_text(continual)
+    figure = "\n![forgetting](forgetting.png) [paper](https://arxiv.org/abs/1) [top](#top)\n"
+    (tmp_path / "sections" / "continual.md").write_text(continual + figure)
+    (tmp_path / "sections" / "forgetting.png").write_bytes(b"png")
     (tmp_path / "discussion.md").write_text("The claim held on *Ackley*.\n")
     page = build_page(tmp_path)
     markdown = (tmp_path / "index.md").read_text()
     html = page.read_text()
     assert continual.strip() in markdown and "The claim held on *Ackley*." in markdown
+    # a section's own figure is linked from the page's folder; URLs and anchors are kept
+    assert "![forgetting](sections/forgetting.png) [paper](https://arxiv.org/abs/1) [top](#top)" in markdown
+    assert (tmp_path / "sections" / "forgetting.png").exists() and 'src="sections/forgetting.png"' in html
     assert markdown.index("The claim held") < markdown.index("# Continual routing")  # fixed order
     assert "<em>Ackley</em>" in html and "<table>" in html
     for stem in ("deep-ratio-to-lora.png", "deep-ratio-to-lora.svg", "deep-ratio-to-lora.pdf"):

@@ -46,6 +46,16 @@ CSV_NAME = "configurations.csv"
 METHOD_ORDER = ["lora", "dora", "hyra", "replora", "doran", "queryable"]
 
 
+def _rebased(markdown: str, folder: Path) -> str:
+    """A section's relative links and images (written beside it, e.g. in ``sections/``), made
+    relative to the page that includes it; URLs, absolute paths and anchors stay as they are."""
+    import re
+
+    if folder == Path("."):
+        return markdown
+    return re.sub(r"\]\((?![a-z]+:|/|#)([^)\s]+)\)", lambda m: f"]({(folder / m.group(1)).as_posix()})", markdown)
+
+
 def _order(method: str) -> tuple:
     return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
 
@@ -243,7 +253,7 @@ def build_page(out: Path) -> Path:
     for name, title in INCLUDED:
         path = out / name
         if path.exists():
-            text = path.read_text()
+            text = _rebased(path.read_text(), Path(name).parent)
             key = Path(name).stem
             md_sections.append(Section(key, title, [text.strip()]))
             html_sections.append(Section(key, title, [], html=renderer.render(text)))
