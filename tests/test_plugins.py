@@ -124,7 +124,11 @@ def test_bad_peft_knob_fails_study_validation_in_one_line_naming_it():
     cases = [({"alpah": 4}, r"^baselines\[1\]\.knobs\.alpah: not a knob of peft:lokr; allowed: .*"
                             r"Did you mean 'alpha'\?$"),
              ({"r": "eight"}, r"^baselines\[1\]\.knobs\.r: got 'eight'; allowed: int \(LoKrConfig\.r, default 8\)$"),
-             ({"target_modules": 3}, r"^baselines\[1\]\.knobs\.target_modules: got 3; allowed: .*list\[str\]")]
+             ({"layers_to_transform": "x"}, r"^baselines\[1\]\.knobs\.layers_to_transform: got 'x'; allowed: "
+                                            r"list\[int\] \| int \| None"),
+             # the study's task.targets go to every method: a method's own targets are refused
+             ({"target_modules": 3}, r"^baselines\[1\]\.knobs\.target_modules: set for every method by the "
+                                     r"study's task\.targets")]
     for knobs, message in cases:
         with pytest.raises(ValueError, match=message) as err:
             parse_study(study(knobs))

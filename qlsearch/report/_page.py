@@ -77,9 +77,12 @@ def _spans(numbers: list[int]) -> str:
 
 
 def _per_trial(data: StudyData, describe) -> str:
-    """What ``describe(record)`` says of each trial's records, grouped: ``A (#0-5); B (#6)``."""
+    """What ``describe(record)`` says of each trial's records, grouped: ``A (#0-5); B (#6)``.
+    Trials that never ran (a sampled repeat, PRUNED; one still waiting) have nothing to say."""
     seen: dict[str, list[int]] = {}
     for t in data.trials:
+        if t.state in ("PRUNED", "WAITING"):
+            continue
         for text in dict.fromkeys(describe(r) for r in t.records) or ["no record"]:
             seen.setdefault(text, []).append(t.number)
     if len(seen) == 1:
