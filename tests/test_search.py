@@ -170,7 +170,7 @@ def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path, ray_s
 
     study = load_study(path)
     storage = study.storage_url(root)
-    deadline = time.time() + 240
+    deadline = time.time() + 600  # a loaded machine starts Ray and pre-trains slowly; the loop ends at once
     finished = []
     try:
         while time.time() < deadline:
