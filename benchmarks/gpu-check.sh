@@ -101,11 +101,13 @@ Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_lay
 EOF
     PROFILE_SIZE=(--batch 1 --seq 8 --new-tokens 3 --repeats 1 --warmup 1 --threads 1)
     EPOCHS=1 PRETRAIN_EPOCHS=1 SWEEP_CONCURRENT=2 TAG=dry-run
+    # the same 0.25-GPU study on CPU: without a GPU it is refused unless it allows the fallback
+    CPU_FALLBACK="cpu_fallback = true"
 else
     DEVICE=cuda
     MODEL=benchmarks/configs/qwen2.5-0.5b
     PROFILE_SIZE=(--batch 1 --seq 128 --new-tokens 16 --repeats 8 --warmup 2)
-    EPOCHS=20 PRETRAIN_EPOCHS=60 SWEEP_CONCURRENT=4 TAG=""
+    EPOCHS=20 PRETRAIN_EPOCHS=60 SWEEP_CONCURRENT=4 TAG="" CPU_FALLBACK=""
     "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no GPU visible to torch'" 2>>"$LOG" ||
         { say "no GPU visible to torch $("$PYTHON" -c 'import torch; print(torch.__version__)'); use --dry-run on CPU"; exit 1; }
 fi
@@ -149,6 +151,7 @@ objectives = ["val_mse", "forward_ms", "trainable_params"]
 cpus_per_trial = 1
 gpus_per_trial = 0.25
 max_concurrent = $SWEEP_CONCURRENT
+$CPU_FALLBACK
 [space.queryable]
 r = [4, 8]
 num_atoms = [4, 8]
