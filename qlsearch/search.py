@@ -509,10 +509,6 @@ def open_study(study: Study, root: str | Path = "runs"):
     return ot_study, storage
 
 
-def _config_key(t) -> tuple:
-    return (t.user_attrs.get("method"), repr(sorted((t.user_attrs.get("knobs") or {}).items())))
-
-
 def prepare(ot_study, study: Study, more: int = 0) -> int:
     """Re-enqueue trials whose driver is gone, enqueue what must run (the baselines, the
     budget's slots or grid points; ``more`` slots beyond the study file's budget, per
@@ -524,9 +520,10 @@ def prepare(ot_study, study: Study, more: int = 0) -> int:
     if more:
         ot_study.set_user_attr("more_trials", extra)
     trials = ot_study.get_trials(deepcopy=False)
-    present = {(t.user_attrs["baseline"], *_config_key(t)) for t in trials if t.user_attrs.get("baseline")}
+    present = {(t.user_attrs["baseline"], study.config_key(t.user_attrs["method"], t.user_attrs.get("knobs") or {}))
+               for t in trials if t.user_attrs.get("baseline")}
     for b in study.baselines:
-        if (b.label, b.method, repr(sorted(b.knobs.items()))) not in present:
+        if (b.label, study.config_key(b.method, b.knobs)) not in present:
             ot_study.enqueue_trial({}, user_attrs={"baseline": b.label, "method": b.method, "knobs": b.knobs})
     budget = study.budget(extra)  # capped at the distinct configurations (baselines not repeated)
     if budget.note:
