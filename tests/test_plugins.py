@@ -125,7 +125,7 @@ def test_bad_peft_knob_fails_study_validation_in_one_line_naming_it():
                             r"Did you mean 'alpha'\?$"),
              ({"r": "eight"}, r"^baselines\[1\]\.knobs\.r: got 'eight'; allowed: int \(LoKrConfig\.r, default 8\)$"),
              ({"layers_to_transform": "x"}, r"^baselines\[1\]\.knobs\.layers_to_transform: got 'x'; allowed: "
-                                            r"list\[int\] \| int \| None"),
+                                            r"int \| list\[int\] \| None"),
              # the study's task.targets go to every method: a method's own targets are refused
              ({"target_modules": 3}, r"^baselines\[1\]\.knobs\.target_modules: set for every method by the "
                                      r"study's task\.targets")]

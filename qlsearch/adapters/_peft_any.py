@@ -116,10 +116,14 @@ def fits(value, hint) -> bool:
 
 
 def describe(hint) -> str:
-    """``typing.Union[str, list[str], NoneType]`` → ``str | list[str] | None``."""
+    """``typing.Union[str, list[str], NoneType]`` → ``list[str] | str | None``.
+
+    A union's members are sorted, ``None`` last: ``typing`` caches equal unions, so the order
+    of ``Union[int, list[int]]``'s args depends on which spelling the process built first."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        return " | ".join(describe(a) for a in args)
+        names = sorted(describe(a) for a in args if a is not type(None))
+        return " | ".join(names + ["None"] * (type(None) in args))
     if origin is typing.Literal:
         return " | ".join(repr(a) for a in args)
     if hint is type(None):
