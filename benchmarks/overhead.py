@@ -40,7 +40,7 @@ TINY = {
     "objectives": ["val_mse"],
     "task": {"kind": "synthetic", "name": "sin_cos", "backbone": "mlp"},
     "train": {"epochs": 1, "pretrain_epochs": 1, "batch_size": 200},
-    "space": {"queryable": {"r": {"low": 2, "high": 8}, "num_atoms": [2, 4], "top_k": [1, 2],
+    "space": {"queryable": {"r": {"low": 2, "high": 64}, "num_atoms": [2, 4, 8], "top_k": [1, 2],
                             "num_blocks": 2, "d_k": 8}},
     "resources": {"cpus_per_trial": 1, "max_concurrent": 1},
 }
@@ -73,7 +73,8 @@ def one_sweep(n: int, root: Path, address: str | None, concurrent: int, storage:
     summary = run_sweep(study, root=root, address=address, num_cpus=None if address else 2, verbose=False)
     trials = optuna.load_study(study_name=name, storage=study.storage_url(root)).get_trials()
     spans = []
-    for t in trials:
+    ran = [t for t in trials if "record_dir" in t.user_attrs]  # a sampled repeat is PRUNED unrun
+    for t in ran:
         for path in Path(t.user_attrs["record_dir"]).glob("seed*.json"):
             record = json.loads(path.read_text())
             started = datetime.fromisoformat(record["started_at"]).timestamp()

@@ -261,7 +261,7 @@ class Driver:
         self.heartbeat_seconds, self.version = heartbeat_seconds, version
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.live: dict[int, object] = {}  # trial id -> storage, while the trial runs
-        self._idle_until = 0.0
+        self._idle_until = self._next_reap = 0.0
         self._stop: threading.Event | None = None
 
     def __getstate__(self) -> dict:
@@ -270,9 +270,12 @@ class Driver:
     def next_trial(self, ot_study):
         """A claimed ``optuna.Trial``; None (nothing now: ask again) while other drivers
         still run trials that may turn stale; ``FINISHED`` when nothing is left."""
-        if time.monotonic() < self._idle_until:
+        now = time.monotonic()
+        if now < self._idle_until:
             return None
-        reap_stale(ot_study)
+        if now >= self._next_reap:  # a trial turns stale after a grace period, not between two claims
+            reap_stale(ot_study)
+            self._next_reap = now + self.heartbeat_seconds
         trial = self.claim(ot_study)
         if trial is not None:
             return trial

@@ -70,6 +70,7 @@ from qlsearch._storage import (
     open_storage,
     record_outcome,
     resubmit_unstored,
+    set_user_attrs,
 )
 from qlsearch.study import LISTABLE, MethodSpace, Param, Study
 from qlsearch.trial import TrialConfig, record_attempt, run_trial, write_record
@@ -341,8 +342,9 @@ class StudySearch(OptunaSearch):
 
     @staticmethod
     def _record(ot_trial, attrs: dict) -> None:
-        for key, value in attrs.items():
-            ot_trial.set_user_attr(key, value)
+        """``ot_trial.set_user_attr`` for every key, in one transaction."""
+        set_user_attrs(ot_trial.storage, ot_trial._trial_id, attrs)
+        ot_trial._cached_frozen_trial.user_attrs.update(attrs)  # what set_user_attr keeps too
 
     def _replaced_repeat(self, trial_id, config: dict) -> bool:
         """When the sampler repeated a configuration the study already has: the slot is told
