@@ -76,6 +76,10 @@ METRICS: dict[str, Metric] = _metrics(
     ("peak_memory_bytes", "minimize", "peak memory (bytes)", "profile"),
 )
 
+#: Timed quietly per configuration, so measured only when a study profiles (``profile = true``);
+#: the counts (parameters, bytes, FLOPs) are measured on every trial.
+LATENCY_METRICS = ("forward_ms", "forward_ratio")
+
 
 #: The built-ins, or a ``Metric`` installed as an entry point of ``qlsearch.metrics`` (its name
 #: is the key a trial record keeps it under, so a metric is named by its name, never by reference).

@@ -66,7 +66,7 @@ from pathlib import Path
 from qlsearch.adapters import get_method
 from qlsearch.adapters._knobs import AtMost, Knob, check_values
 from qlsearch.adapters._peft_any import describe, fits
-from qlsearch.metrics import METRICS, Metric, get_metric
+from qlsearch.metrics import LATENCY_METRICS, METRICS, Metric, get_metric
 from qlsearch.trial import TRAIN_KNOB_SPECS, TaskSpec, TrainSpec, _check_fields, check_targets
 
 #: Study names and baseline labels become folder and file names: no ``.``/``..``, no separators.
@@ -249,6 +249,8 @@ class Study:
     #: re-runs of a trial whose worker or node died, afresh on a node with room (a trial's own
     #: failure is final); past them it ends failed with the reason ("node died: ...")
     max_retries: int = 0
+    #: time each configuration's latency quietly (forward_ms, forward_ratio); parameters,
+    #: bytes and FLOPs are counted either way
     profile: bool = True
     description: str = ""
     #: the backbone pre-training cache; None: ``<root>/cache``; a relative path is under the root
@@ -594,6 +596,10 @@ def parse_study(data: dict, path: str | None = None) -> Study:
     for key, spec in {"max_retries": Knob(int, low=0), "profile": Knob(bool), "cache_dir": Knob(str),
                       "storage": Knob(str)}.items():
         check_values({key: data[key]} if key in data else {}, {key: spec}, "study")
+    timed = [m.name for m in metrics if m.name in LATENCY_METRICS]
+    if timed and data.get("profile", True) is False:
+        raise _fail("study.profile", f"false, but objective {timed[0]} is a latency, timed only when profiling; "
+                    "allowed: profile = true, or objectives without forward_ms and forward_ratio")
     drivers = _drivers(data.get("drivers", {}))
     scheduler = data.get("scheduler", "none")
     if scheduler not in SCHEDULERS:

@@ -337,13 +337,15 @@ def _latency(config: TrialConfig, frozen: nn.Module | None, knobs: dict, inputs:
 
 
 def _profile(model: nn.Module, args: tuple, kwargs: dict, latency: dict | None) -> dict:
-    """The trained model's profile; its latency fields are the quiet measurement's."""
+    """The trained model's profile: its counts (parameters, bytes, FLOPs) always, which no
+    neighbour can disturb; its latency fields, the quiet measurement's, when the trial profiles."""
     from qlsearch.profiling._trained import profile_trained
 
+    profile = profile_trained(model, args, kwargs)
     if latency is None:
-        return {}
+        return profile
     fields = ("forward_ms", "forward_ms_spread", "forward_ratio", "forward_ratio_spread", "batch")
-    return {**profile_trained(model, args, kwargs), **{k: latency[k] for k in fields}, "latency": latency}
+    return {**profile, **{k: latency[k] for k in fields}, "latency": latency}
 
 
 def check_targets(task: TaskSpec, method: str) -> None:

@@ -69,6 +69,8 @@ CASES = [
     ("cpu-fallback-a-string", {"top": '[resources]\ncpu_fallback = "yes"'},
      r"resources\.cpu_fallback: got 'yes'; allowed: true or false"),
     ("max-retries-negative", {"top": "max_retries = -1"}, r"study\.max_retries: got -1; allowed: an integer >= 0"),
+    ("latency-without-profile", {"top": 'profile = false\nobjectives = ["val_mse", "forward_ratio"]', "drop_objectives": True},
+     r"study\.profile: false, but objective forward_ratio is a latency, timed only when profiling; allowed: "),
     ("profile-a-string", {"top": 'profile = "yes"'}, r"study\.profile: got 'yes'; allowed: true or false"),
     ("epochs-a-float", {"train": "epochs = 2.5"}, r"train\.epochs: got 2\.5; allowed: int"),
     ("limit-a-string", {"task": TASK + '\nlimit_train = "10"'}, r"task\.limit_train: got '10'; allowed: int \| None"),

@@ -53,6 +53,19 @@ def test_same_seed_same_metrics(cache):
     assert a == b
 
 
+def test_a_trial_that_does_not_profile_still_counts(cache):
+    """``profile = false`` skips the quiet latency timing, not the counts: a study may still
+    put trainable_params on its front."""
+    lora = {"method": "lora", "knobs": {"r": 4}}
+    counted = run_trial(config(cache, profile=False, **lora))["profile"]
+    profiled = run_trial(config(cache, **lora))["profile"]
+    assert "forward_ms" not in counted and "forward_ratio" not in counted and profiled["forward_ms"] > 0
+    for key in ("trainable_params", "stored_bytes", "flops"):
+        assert counted[key] == profiled[key] > 0
+    # LoRA r=4 adds r (in + out) per adapted linear: bounded by the 32 x 32 hidden layers' share
+    assert counted["trainable_params"] % 4 == 0 and counted["trainable_params"] >= 31 * 4 * (32 + 32)
+
+
 @pytest.mark.parametrize("method", ["lora", "dora", "moelora"])
 def test_baselines_run_as_trials(cache, method):
     record = run_trial(config(cache, method=method, knobs={}, profile=False))

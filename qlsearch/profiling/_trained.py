@@ -27,7 +27,9 @@ def profile_trained(model: nn.Module, args: tuple, kwargs: dict) -> dict:
     device = next(model.parameters()).device
 
     def call():
-        with torch.inference_mode():
+        # no_grad, not inference_mode: under inference_mode the FLOP counter's module tracker
+        # fails on a parametrized weight (the "mixed" policy's cast) with an AttributeError
+        with torch.no_grad():
             return model(*args, **kwargs)
 
     trainable, total = count_parameters(model)
