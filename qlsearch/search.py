@@ -39,6 +39,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import pickle
@@ -427,8 +428,6 @@ class StudySearch(OptunaSearch):
         except optuna.exceptions.UpdateFinishedTrialError:
             retry = self.driver.claim(self._ot_study, retry_of=ot_trial.number)
             if retry is None:
-                import logging
-
                 logging.getLogger(__name__).warning(
                     "trial %d finished after another driver took it for stale, and its retry is running "
                     "already: this result is dropped (its records stay in %s)", ot_trial.number, attrs["record_dir"])
@@ -622,6 +621,8 @@ def run_sweep(study: Study, root: str | Path = "runs", address: str | None = Non
     # Tune's own JSON/CSV/TensorBoard result files per trial: the study and the seed records
     # hold every result, and writing them is per-trial overhead (docs/cluster.md)
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # ...whose absence Tune's result grid then reports as one warning line per trial
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     if not ray.is_initialized():
         # the workers import the study's module:attribute plug-ins by name: ship those that
         # are not installed, so every node of a cluster (and a local one) can import them

@@ -66,7 +66,7 @@ def test_a_trial_that_does_not_profile_still_counts(cache):
     assert counted["trainable_params"] % 4 == 0 and counted["trainable_params"] >= 31 * 4 * (32 + 32)
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "moelora"])
+@pytest.mark.parametrize("method", ["lora", "dora", "moelora", "replora"])
 def test_baselines_run_as_trials(cache, method):
     record = run_trial(config(cache, method=method, knobs={}, profile=False))
     assert record["status"] == "completed", record.get("traceback")

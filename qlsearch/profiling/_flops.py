@@ -70,8 +70,9 @@ MAPPING: dict = {
 def count_flops(call: Callable[[], object]) -> dict[str, int]:
     """``{"flops", "matmul_flops"}`` of running ``call()`` once.
 
-    Not under ``no_grad``: the counter's module tracker asserts on a parameter passed
-    straight into a submodule (RepLoRA's seeds) when grad mode is off. The graph built
+    In grad mode: the counter's module tracker asserts on a parameter passed straight into
+    a submodule (RepLoRA's seeds) under ``no_grad``, and on a parametrized weight (the
+    "mixed" precision policy's cast) under ``inference_mode``. The graph built
     is dropped with the outputs; backward FLOPs are not counted.
     """
     with FlopCounterMode(display=False) as matmuls:

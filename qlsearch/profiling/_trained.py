@@ -26,10 +26,11 @@ def profile_trained(model: nn.Module, args: tuple, kwargs: dict) -> dict:
     model.eval()
     device = next(model.parameters()).device
 
-    def call():
-        # no_grad, not inference_mode: under inference_mode the FLOP counter's module tracker
-        # fails on a parametrized weight (the "mixed" policy's cast) with an AttributeError
-        with torch.no_grad():
+    def call():  # FLOPs are counted in grad mode (count_flops says why)
+        return model(*args, **kwargs)
+
+    def infer():
+        with torch.inference_mode():
             return model(*args, **kwargs)
 
     trainable, total = count_parameters(model)
@@ -47,7 +48,7 @@ def profile_trained(model: nn.Module, args: tuple, kwargs: dict) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        call()
+        infer()
         torch.cuda.synchronize()
         profile.update(peak_memory_bytes=torch.cuda.max_memory_allocated() - before,
                        peak_memory_source="torch.cuda.max_memory_allocated")
