@@ -124,6 +124,7 @@ def test_page_builds_from_the_csv_and_includes_the_sections_verbatim(tmp_path: P
     (tmp_path / "sections" / "continual.md").write_text(continual + figure)
     (tmp_path / "sections" / "forgetting.png").write_bytes(b"png")
     (tmp_path / "discussion.md").write_text("The claim held on *Ackley*.\n")
+    (tmp_path / "sections" / "instructions.md").write_text("## Instructions (its own title)\n\nBody.\n")
     page = build_page(tmp_path)
     markdown = (tmp_path / "index.md").read_text()
     html = page.read_text()
@@ -133,6 +134,8 @@ def test_page_builds_from_the_csv_and_includes_the_sections_verbatim(tmp_path: P
     assert (tmp_path / "sections" / "forgetting.png").exists() and 'src="sections/forgetting.png"' in html
     assert markdown.index("The claim held") < markdown.index("# Continual routing")  # fixed order
     assert "<em>Ackley</em>" in html and "<table>" in html
+    # a section's own "## " title heads it, once, instead of the page's generic one
+    assert markdown.count("Instructions (its own title)") == 1 and "carry information" not in markdown
     for stem in ("deep-ratio-to-lora.png", "deep-ratio-to-lora.svg", "deep-ratio-to-lora.pdf"):
         assert (tmp_path / "figures" / stem).stat().st_size > 0
     paired = {r["method"]: r for r in read_rows(tmp_path / "tables" / "deep-paired-test.csv")}

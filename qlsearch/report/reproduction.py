@@ -254,6 +254,9 @@ def build_page(out: Path) -> Path:
         path = out / name
         if path.exists():
             text = _rebased(path.read_text(), Path(name).parent)
+            first, _, rest = text.partition("\n")
+            if first.startswith("## "):  # the file's own title (it also reads alone) heads its section
+                title, text = first.removeprefix("## ").strip(), rest
             key = Path(name).stem
             md_sections.append(Section(key, title, [text.strip()]))
             html_sections.append(Section(key, title, [], html=renderer.render(text)))
