@@ -109,10 +109,10 @@ def embedding_similarity(seeds: list[int]) -> dict[str, float]:
     """Mean pairwise cosine of the members' instruction embeddings (all-MiniLM-L6-v2): the
     correct sentences, and shuffled as the "shuffled" arm shuffles them (mean over ``seeds``)."""
     import itertools
-    import random
 
     from qlsearch.adapters.queryable.encoder import InstructionEncoder
     from qlsearch.tasks.multitask import get_multitask
+    from qlsearch.trial import shuffled_instruction
 
     encoder = InstructionEncoder()
     texts = [m.instruction for m in get_multitask("levy-shifts").members]
@@ -122,13 +122,8 @@ def embedding_similarity(seeds: list[int]) -> dict[str, float]:
         e = e / e.norm(dim=1, keepdim=True)
         return statistics.fmean(float(e[i] @ e[j]) for i, j in itertools.combinations(range(len(strings)), 2))
 
-    def shuffled(text: str, seed: int) -> str:  # as qlsearch.trial's "shuffled" instruction mode
-        words = text.split()
-        random.Random(f"{seed}|{text}").shuffle(words)
-        return " ".join(words)
-
     return {"correct": mean_cosine(texts),
-            "shuffled": statistics.fmean(mean_cosine([shuffled(t, s) for t in texts]) for s in seeds)}
+            "shuffled": statistics.fmean(mean_cosine([shuffled_instruction(t, s) for t in texts]) for s in seeds)}
 
 
 def write_instructions() -> None:

@@ -518,6 +518,15 @@ def _run_text(config: TrialConfig, device: torch.device, progress):
     return metrics, history, profile, adapter
 
 
+def shuffled_instruction(text: str, seed: int) -> str:
+    """``text``'s words in an order seeded by ``seed`` and the text (the "shuffled" mode)."""
+    import random
+
+    words = text.split()
+    random.Random(f"{seed}|{text}").shuffle(words)
+    return " ".join(words)
+
+
 def _apply_instruction_mode(task: TaskSpec, examples: dict, model, seed: int) -> None:
     """Set each example's instruction as ``task`` asks (the ablations of the paper's Table 8).
 
@@ -536,9 +545,7 @@ def _apply_instruction_mode(task: TaskSpec, examples: dict, model, seed: int) ->
             example.instruction = None
     elif task.instruction_mode == "shuffled":
         for example in rows:
-            words = example.instruction.split()
-            random.Random(f"{seed}|{example.instruction}").shuffle(words)
-            example.instruction = " ".join(words)
+            example.instruction = shuffled_instruction(example.instruction, seed)
     elif task.instruction_mode == "adversarial":
         texts = sorted({e.instruction for e in rows if e.instruction is not None})
         if len(texts) < 2:
