@@ -355,13 +355,19 @@ class StudySearch(OptunaSearch):
         repeat_of = self._repeat_of(ot_trial, config)
         if repeat_of is None:
             return False
-        replacement = unrun_configuration(self.study, self._ot_study, config["method"], ot_trial.number)
+        # a shared budget (num_trials) may take the slot to another method: the sampled one's
+        # space can be used up while another's is not (the cap counts every method's configurations)
+        methods = [config["method"]] if self.study.trials_per_method else \
+            [config["method"], *(s.method for s in self.study.spaces if s.method != config["method"])]
+        replacement = next(((m, knobs) for m in methods
+                            if (knobs := unrun_configuration(self.study, self._ot_study, m, ot_trial.number))
+                            is not None), None)
         if replacement is None:  # none left: the budget cap makes this rare; run it
             return False
         self._record(ot_trial, {"failure": REPEAT.format(number=repeat_of), "method": config["method"],
                                 "knobs": config["knobs"]})
         self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
-        self._ot_study.enqueue_trial({}, user_attrs={"method": config["method"], "knobs": replacement,
+        self._ot_study.enqueue_trial({}, user_attrs={"method": replacement[0], "knobs": replacement[1],
                                                      "fixed": True})
         self.driver.release(ot_trial._trial_id)
         del self._ot_trials[trial_id]

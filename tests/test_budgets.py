@@ -100,6 +100,23 @@ def test_trials_never_repeat_a_configuration(tmp_path, capsys):
 
 
 @pytest.mark.usefixtures("ray_session")
+def test_a_shared_budget_moves_a_repeat_to_a_method_with_configurations_left(tmp_path, capsys):
+    """With one budget for every method (num_trials), the sampler picks the method too: once
+    LoRA's single configuration has run, sampling LoRA again must not run it twice while
+    DoRA's configurations wait. The 6 trials cover the 6 configurations."""
+    path = write(tmp_path, "shared", 'num_trials = 6\nprofile = false\n[space.lora]\nr = [1]\n'
+                                     "[space.dora]\nr = [1, 2, 3, 4, 5]\n[resources]\nmax_concurrent = 1")
+    code, out = sweep(capsys, path, tmp_path / "runs")
+    assert code == 0, out.err
+    ot = optuna.load_study(study_name="shared", storage=f"sqlite:///{tmp_path / 'runs' / 'shared' / 'study.db'}")
+    complete = [t for t in ot.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
+    ran = sorted((t.user_attrs["method"], t.user_attrs["knobs"]["r"]) for t in complete)
+    assert ran == [*(("dora", r) for r in range(1, 6)), ("lora", 1)]
+    moved = [t for t in ot.get_trials(states=[optuna.trial.TrialState.PRUNED]) if t.user_attrs["method"] == "lora"]
+    assert moved, "the seeded sampler never drew LoRA twice: this test proves nothing"
+
+
+@pytest.mark.usefixtures("ray_session")
 def test_gpus_asked_where_ray_sees_none(tmp_path, capsys):
     if ray.cluster_resources().get("GPU"):
         pytest.skip("this machine has a GPU")
