@@ -213,3 +213,36 @@ def test_block_gradient_factorises():
             r = layer.scaling * output_grads[layer] @ layer.lora_B  # (batch, tokens, r)
             expected += layer.gate.detach() * torch.einsum("bti,btj->bij", r, s)
         torch.testing.assert_close(route.operator.grad, expected, atol=1e-6, rtol=1e-4)
+
+
+def test_route_matches_a_per_example_loop_of_the_papers_equations():
+    """One block's route (eq. 3, 26-32, Alg. 2) written as a loop over examples and atoms with
+    plain vector ops, against the batched route: the operator, weights, depth weights and mixers."""
+    torch.manual_seed(0)
+    config = QueryableConfig(r=4, num_atoms=8, top_k=3, num_blocks=3, d_k=16, T_attn=0.7, T_dep=1.3)
+    router = AtomRouter(config, block_sizes=[2, 1, 2])
+    with torch.no_grad():
+        router.gate_logits.normal_()
+        entry, means = torch.randn(5, 4), torch.randn(5, 2, 4)  # block 2: two completed blocks
+        route = router.route(2, entry, means, None, None)
+
+        def rms(v):
+            return v / torch.sqrt((v * v).mean() + 1e-6)
+
+        for n in range(5):
+            q0 = router.query_cur.weight @ entry[n] + router.block_prior[2]
+            qd = rms(router.depth_query.weight @ q0)
+            scores = torch.stack([rms(router.depth_key.weight @ means[n, i]) @ qd for i in range(2)])
+            beta = torch.softmax(scores / (16 ** 0.5 * 1.3), dim=0)
+            q = q0 + router.query_dep.weight @ (beta[0] * means[n, 0] + beta[1] * means[n, 1])
+            zeta = torch.stack([rms(q) @ rms(router.atom_keys[m]) for m in range(8)]) / (16 ** 0.5 * 0.7)
+            top = zeta.topk(3).indices
+            alpha = torch.zeros(8)
+            alpha[top] = torch.softmax(zeta[top], dim=0)
+            S = sum(alpha[m] * router.atoms[m] for m in range(8))
+            torch.testing.assert_close(route.beta[n], beta)
+            torch.testing.assert_close(route.alpha[n], alpha)
+            torch.testing.assert_close(route.operator[n], S)
+            for slot, p in enumerate((3, 4)):  # block 2's projections are the 4th and 5th
+                g = torch.sigmoid(router.gate_logits[p])
+                torch.testing.assert_close(route.mixers_t[slot][n], (torch.eye(4) + g * S).T)

@@ -49,6 +49,10 @@ class QueryableLinear(nn.Module):
         self.state_layers: tuple[QueryableLinear, ...] = ()
         self._folded: Tensor | None = None
         self._folded_for: object = None  # the Route the folded factor was made from
+        # A plain nn.Linear base is applied as F.linear on its own weight and bias: the module
+        # call costs as much as the op on a small layer (so hooks on the base layer itself do
+        # not fire; any other base, e.g. a quantized one, is called as a module)
+        self._plain_base = type(base_layer) is nn.Linear
 
     @property
     def gate(self) -> Tensor:
@@ -69,14 +73,16 @@ class QueryableLinear(nn.Module):
                 "block's other adapted projections (is the model's forward order unusual?)"
             )
         mixer_t = route.mixers_t[self.slot]
+        base = self.base_layer
+        y = F.linear(x, base.weight, base.bias) if self._plain_base else base(x)
         if s.dim() == 2:  # one row per example (a plain MLP): the B GEMM adds onto the base output
             t = torch.bmm(s.unsqueeze(1), mixer_t).squeeze(1)  # s (I + g S)^T = s + g s S^T
-            return torch.addmm(self.base_layer(x), t, self.lora_B.t(), alpha=self.scaling)
+            return torch.addmm(y, t, self.lora_B.t(), alpha=self.scaling)
         if s.dim() == 3:
             t = torch.bmm(s, mixer_t)
         else:  # (batch, ..., r): one example per leading row
             t = torch.bmm(s.reshape(mixer_t.shape[0], -1, self.r), mixer_t).view_as(s)
-        return torch.add(self.base_layer(x), F.linear(t, self.lora_B), alpha=self.scaling)
+        return torch.add(y, F.linear(t, self.lora_B), alpha=self.scaling)
 
     def _record_unit_state(self, x: Tensor, s: Tensor, router: AtomRouter, state: RoutingState) -> None:
         """Unit state: mean over the unit's Q, K, V of the token-averaged ``A^p x`` (eq. 15-16).

@@ -107,7 +107,7 @@ class QueryableModel(AdapterModel):
 
     method = "queryable"
     config_class = QueryableConfig
-    inference_form_name = "routed"  # route per forward; decoding folds (alpha/r)(I + g S_b) A once per route
+    inference_form_name = "routed"  # route per forward (constants made once: fold); decoding folds or merges
 
     def __init__(self, base_model: nn.Module, config: QueryableConfig):
         super().__init__(base_model, config)
@@ -147,8 +147,8 @@ class QueryableModel(AdapterModel):
         #: Merge the update into the weights while decoding one prompt (False: fold per example).
         self.merge_decode = True
         self._mergeable = False  # this generate call decodes one prompt in eval mode
-        self._merged: list[tuple[nn.Module, str, QueryableLinear]] = []  # swapped out now
-        self._merge_places: list[tuple[nn.Module, str, QueryableLinear, _MergedLinear]] = []
+        self._merged: list[tuple[dict, str, QueryableLinear]] = []  # swapped out now
+        self._merge_groups: tuple | None = None  # ((device, dtype), _merge_plan(...)), made at the first merge
         self._encoder: InstructionEncoder | None = None
         base_model.register_forward_pre_hook(self._begin_forward, with_kwargs=True)
 
@@ -235,35 +235,47 @@ class QueryableModel(AdapterModel):
         call and inside its time. The small factors ``(alpha/r)(I + g S_b) A`` of the
         projections of one shape are made by one ``bmm``; each merged weight is then one
         ``addmm``, which reads ``W0`` and writes the new weight once (the least traffic a
-        merge can have; stacking the weights for one batched GEMM would copy them twice)."""
-        if not self._merge_places:
-            self._merge_places = [(self.base_model.get_submodule(name.rpartition(".")[0]),
-                                   name.rpartition(".")[2], layer, _MergedLinear(layer.base_layer))
-                                  for name, layer in zip(self.adapted, self.adapted_layers(), strict=True)]
-        routes = self.state.routes
-        groups: dict[tuple, list] = {}
-        for place in self._merge_places:
-            A = place[2].lora_A
-            groups.setdefault((A.shape, A.dtype, A.device), []).append(place)
-        for group in groups.values():
-            layers = [layer for _, _, layer, _ in group]
-            A = torch.stack([layer.lora_A for layer in layers])
-            mixers = torch.stack([routes[layer.block].mixers_t[layer.slot][0] for layer in layers])
-            scale = torch.tensor([layer.scaling for layer in layers], dtype=A.dtype, device=A.device)
-            folded = torch.bmm(mixers.transpose(1, 2).to(A.dtype) * scale.view(-1, 1, 1), A)
-            for (parent, child, layer, merged), factor in zip(group, folded.unbind(0), strict=True):
+        merge can have; stacking the weights for one batched GEMM would copy them twice).
+        Everything that does not depend on the route or the weights' values (the groups,
+        their scales, where each projection sits) is made at the first merge: at batch 1
+        the merge's Python work was as long as its arithmetic."""
+        ref = self.router.atom_keys
+        if self._merge_groups is None or self._merge_groups[0] != (ref.device, ref.dtype):
+            self._merge_groups = ((ref.device, ref.dtype), self._merge_plan(ref.device))
+        rows = torch.cat([self.state.routes[b].mixer_stack[:, 0] for b in range(len(self.state.blocks))])
+        for index, scale, places in self._merge_groups[1]:
+            A = torch.stack([layer.lora_A for _, _, layer, _ in places])
+            folded = torch.bmm(rows.index_select(0, index).transpose(1, 2).to(A.dtype) * scale.to(A.dtype), A)
+            for (modules, child, layer, merged), factor in zip(places, folded.unbind(0), strict=True):
                 w = layer.base_layer.weight
-                merged.weight = torch.addmm(w, layer.lora_B.to(w.dtype), factor.to(w.dtype))
-                parent._modules[child] = merged  # nn.Module's own registry: no __setattr__ checks
-                self._merged.append((parent, child, layer))
+                B = layer.lora_B
+                if B.dtype != w.dtype:
+                    B, factor = B.to(w.dtype), factor.to(w.dtype)
+                merged.__dict__["weight"] = torch.addmm(w, B, factor)  # a plain tensor: no Module.__setattr__
+                modules[child] = merged  # nn.Module's own registry: no __setattr__ checks
+                self._merged.append((modules, child, layer))
+
+    def _merge_plan(self, device: torch.device) -> list[tuple[Tensor, Tensor, list]]:
+        """Per group of projections with one ``A`` shape: their gate indices (rows of the
+        routes' stacked mixers), their ``alpha/r`` (P x 1 x 1), and where each sits
+        (its parent's module registry, its name, the layer, the stand-in ``_MergedLinear``)."""
+        groups: dict[tuple, list] = {}
+        for name, layer in zip(self.adapted, self.adapted_layers(), strict=True):
+            parent, _, child = name.rpartition(".")
+            place = (self.base_model.get_submodule(parent)._modules, child, layer, _MergedLinear(layer.base_layer))
+            groups.setdefault(tuple(layer.lora_A.shape), []).append(place)
+        return [(torch.tensor([layer.index for _, _, layer, _ in places], device=device),
+                 torch.tensor([layer.scaling for _, _, layer, _ in places], device=device).view(-1, 1, 1),
+                 places) for places in groups.values()]
 
     def _restore_updates(self) -> None:
         """Put the adapted projections back (``W0`` was never written: exact, bit for bit)."""
         while self._merged:
-            parent, child, layer = self._merged.pop()
-            parent._modules[child] = layer
-        for *_, merged in self._merge_places:
-            merged.weight = None  # free the merged weights between calls
+            modules, child, layer = self._merged.pop()
+            modules[child] = layer
+        for *_, places in self._merge_groups[1] if self._merge_groups else ():
+            for *_, merged in places:
+                merged.__dict__["weight"] = None  # free the merged weights between calls
 
     def forward(self, *args, instruction: Instruction = None, route_mask: Tensor | None = None, **kwargs):
         with self._context(instruction, route_mask, generating=False):
@@ -279,6 +291,17 @@ class QueryableModel(AdapterModel):
         with self._context(instruction, route_mask, generating=True,
                            prompts=self._batch_size(args, kwargs)):
             return self.base_model.generate(*args, **kwargs)
+
+    def fold(self) -> None:
+        """The inference form's one-time work (``inference_form`` calls it): the constants every
+        route reads (normed keys, atoms, gates; ``RouteConstants``) are made once instead of
+        per forward, saving a handful of ops per forward. Outputs are unchanged; ``unfold()``
+        before training again (the constants would not follow optimizer steps)."""
+        with torch.no_grad():
+            self.state.fixed_constants = self.router.constants()
+
+    def unfold(self) -> None:
+        self.state.fixed_constants = None
 
     def gradient_checkpointing_enable(self, **kwargs) -> None:
         """Non-reentrant checkpointing, so recomputed layers read the forward's routes."""

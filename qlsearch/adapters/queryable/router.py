@@ -61,8 +61,9 @@ def top_k_softmax(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
 class Route:
     """One block's route for a batch: what the routing trace reports."""
 
-    alpha: Tensor  # (batch, M) routing weights, zero off the active set
+    weights: Tensor  # (batch, k) softmax weights of the active atoms
     active: Tensor  # (batch, k) active atom ids
+    num_atoms: int
     beta: Tensor | None  # (batch, blocks before this one) depth-summary weights; None for block 0
     operator: Tensor  # (batch, r, r) S_b
     #: ``(I + g_p S_b)^T`` (batch, r, r) for each of the block's projections, in forward
@@ -71,6 +72,29 @@ class Route:
     #: In bf16 the diagonal ``1 + g S_ii`` rounds to bf16's spacing near 1, an error of
     #: the size of the rounding of the result ``t`` itself.
     mixers_t: tuple[Tensor, ...]
+    #: the same stacked, (projections, batch, r, r): what a merge reads
+    mixer_stack: Tensor
+
+    @property
+    def alpha(self) -> Tensor:
+        """(batch, M) routing weights, zero off the active set (made on demand: the
+        forward mixes only the ``k`` active atoms)."""
+        dense = self.weights.new_zeros(self.weights.shape[0], self.num_atoms)
+        return dense.scatter(-1, self.active, self.weights)
+
+
+@dataclass
+class RouteConstants:
+    """What every block's route of one forward reads, made once per forward
+    (``AtomRouter.constants``): the router's op count per block is what its cost is on
+    a small backbone, so nothing that is the same for every block is made per block."""
+
+    keys: Tensor  # RMSNorm(k_m), (M, d_k): the instruction prior reads these
+    logit_keys: Tensor  # RMSNorm(k_m)^T / (sqrt(d_k) T_attn), (d_k, M): logits in one matmul
+    atoms_t: Tensor  # C_m^T flattened, (M, r*r): a route mixes S_b^T directly
+    gates: Tensor  # g_p = sigmoid(eta_p) of every projection, (P, 1)
+    depth_scale: Tensor  # 1 / (sqrt(d_k) T_dep) as RMSNorm weights (d_k,): the depth query's scale
+    eye_flat: Tensor | None = None  # I_r repeated per example, (1, batch*r*r): made at the first route
 
 
 class AtomRouter(nn.Module):
@@ -104,9 +128,21 @@ class AtomRouter(nn.Module):
         self.gate_slices = [slice(lo, hi) for lo, hi in itertools.pairwise(bounds)]
 
     def normed_keys(self) -> Tensor:
-        """``RMSNorm(k_m)`` (M x d_k). The same for every block: a forward makes it once
-        and passes it as ``keys`` to each route."""
+        """``RMSNorm(k_m)`` (M x d_k)."""
         return rms_norm(self.atom_keys)
+
+    def constants(self) -> RouteConstants:
+        """What every route of a forward reads (``RouteConstants``), made once for the forward."""
+        c = self.config
+        keys = self.normed_keys()
+        atoms = self.atoms
+        return RouteConstants(
+            keys=keys,
+            logit_keys=keys.T / (math.sqrt(c.d_k) * c.T_attn),
+            atoms_t=atoms.transpose(1, 2).reshape(c.num_atoms, c.r * c.r),
+            gates=self.gate_logits.sigmoid().unsqueeze(1),
+            depth_scale=keys.new_full((c.d_k,), 1.0 / (math.sqrt(c.d_k) * c.T_dep)),
+        )
 
     def language_log_prior(self, instruction: Tensor, keys: Tensor | None = None) -> Tensor:
         """``log p(c)`` over atoms, ``p_m ∝ exp(<RMSNorm(R_ctx e), RMSNorm(k_m)> / (sqrt(d_k) T_lang))``."""
@@ -115,11 +151,13 @@ class AtomRouter(nn.Module):
         rho = rms_norm(self.prior_ctx(instruction)) @ keys.T
         return torch.log_softmax(rho / (math.sqrt(c.d_k) * c.T_lang), dim=-1)
 
-    def depth_summary(self, pre_query: Tensor, block_means: Tensor) -> tuple[Tensor, Tensor]:
+    def depth_summary(self, pre_query: Tensor, block_means: Tensor,
+                      scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``u = sum_i beta_i sbar_i`` over completed blocks (eq. 27-32).
 
         ``pre_query`` is ``q0`` (batch x d_k); ``block_means`` stacks ``sbar_i``
-        (batch x i x r). Returns ``(u, beta)``.
+        (batch x i x r); ``scale`` is ``RouteConstants.depth_scale`` (None: made here).
+        Returns ``(u, beta)``.
 
         With one completed block the softmax is exactly 1 and its gradient exactly
         0, so the attention is skipped: ``u = sbar_0`` (``Q_dep,q`` and ``Q_dep,k``
@@ -128,13 +166,17 @@ class AtomRouter(nn.Module):
         c = self.config
         if block_means.shape[1] == 1:
             return block_means[:, 0], block_means.new_ones(block_means.shape[0], 1)
-        q = rms_norm(F.linear(pre_query, self.depth_query.weight)).unsqueeze(-1)  # (b, d_k, 1)
+        if scale is None:
+            scale = pre_query.new_full((c.d_k,), 1.0 / (math.sqrt(c.d_k) * c.T_dep))
+        # the logits' 1/(sqrt(d_k) T_dep) rides on the query's RMSNorm as its weight: one op fewer
+        q = F.rms_norm(F.linear(pre_query, self.depth_query.weight), (c.d_k,), scale, RMS_EPS)
         keys = rms_norm(F.linear(block_means, self.depth_key.weight))  # (b, i, d_k)
-        beta = torch.softmax((keys @ q).squeeze(-1) / (math.sqrt(c.d_k) * c.T_dep), dim=-1)
-        return (beta.unsqueeze(1) @ block_means).squeeze(1), beta
+        beta = torch.softmax(torch.bmm(keys, q.unsqueeze(-1)).squeeze(-1), dim=-1)
+        return torch.bmm(beta.unsqueeze(1), block_means).squeeze(1), beta
 
     def logits(self, query: Tensor, log_prior: Tensor | None, keys: Tensor | None = None) -> Tensor:
-        """Fused logits ``zeta + tau_lang log p`` (eq. 3 / 36); ``keys`` as ``normed_keys()`` gives."""
+        """Fused logits ``zeta + tau_lang log p`` (eq. 3 / 36); ``keys`` as ``normed_keys()`` gives.
+        (``route`` computes the same with the scale folded into ``RouteConstants.logit_keys``.)"""
         c = self.config
         keys = self.normed_keys() if keys is None else keys
         zeta = rms_norm(query) @ keys.T / (math.sqrt(c.d_k) * c.T_attn)
@@ -149,34 +191,47 @@ class AtomRouter(nn.Module):
         block_means: Tensor | None,
         instruction: Tensor | None,
         log_prior: Tensor | None,
-        keys: Tensor | None = None,
+        constants: RouteConstants | None = None,
     ) -> Route:
         """Route block ``block`` from its entry state (batch x r).
 
         ``block_means`` stacks the completed blocks' mean states (batch x block x r),
         None for the first block; ``instruction`` is ``e(c)`` (batch x d_e) or None;
-        ``keys`` is ``normed_keys()``, made once per forward (None: made here).
+        ``constants`` is ``constants()``, made once per forward (None: made here).
         """
         c = self.config
+        const = self.constants() if constants is None else constants
         # F.linear with the bias slot doing the addition: one op where module call + add were two
         query = F.linear(entry_state, self.query_cur.weight, self.block_prior[block])
         if instruction is not None and c.lambda_ctx != 0:
             query = query + c.lambda_ctx * self.query_ctx(instruction)
         beta = None
         if block_means is not None:
-            summary, beta = self.depth_summary(query, block_means)
+            summary, beta = self.depth_summary(query, block_means, const.depth_scale)
             query = F.linear(summary, self.query_dep.weight, query)
-        alpha, active = top_k_softmax(self.logits(query, log_prior, keys), c.top_k)
-        operator = (alpha @ self.atoms.flatten(1)).view(-1, c.r, c.r)
-        return Route(alpha, active, beta, operator, self.mixers_t(block, operator))
+        zeta = rms_norm(query) @ const.logit_keys  # eq. 3: the scale is in logit_keys
+        if log_prior is not None and c.tau_lang != 0:
+            zeta = zeta + c.tau_lang * log_prior
+        values, active = zeta.topk(c.top_k, dim=-1)
+        weights = torch.softmax(values, dim=-1)
+        # S_b^T = sum over the k active atoms of weight * C_m^T: gather k atoms, one bmm
+        # (no dense M-wide weights, no scatter; Route.alpha makes those for the trace)
+        operator_t = torch.bmm(weights.unsqueeze(1), F.embedding(active, const.atoms_t)).view(-1, c.r, c.r)
+        operator = operator_t.transpose(1, 2)
+        stack = self.mixers_t(block, operator, const)
+        return Route(weights, active, c.num_atoms, beta, operator, stack.unbind(0), stack)
 
-    def mixers_t(self, block: int, operator: Tensor) -> tuple[Tensor, ...]:
-        """``(I + g_p S_b)^T`` for each projection ``p`` of ``block``: one outer product of the
-        gates with the flattened ``S_b^T`` added to the identity (one ``addmm``; a broadcast
-        ``addcmul`` over four dimensions takes twice as long on CPU)."""
+    def mixers_t(self, block: int, operator: Tensor, constants: RouteConstants | None = None) -> Tensor:
+        """``(I + g_p S_b)^T`` stacked for the projections ``p`` of ``block`` (P x batch x r x r): one outer product of the
+        gates with the flattened ``S_b^T`` added to the identity (one ``addcmul`` on 2-D
+        operands: faster on CPU than a rank-1 ``addmm``, and than a broadcast over four dimensions)."""
         r = self.config.r
-        gates = self.gate_logits[self.gate_slices[block]].sigmoid()
-        flat_t = operator.transpose(1, 2).reshape(1, -1)  # (1, batch r r)
-        eye = torch.eye(r, device=operator.device, dtype=operator.dtype).expand(operator.shape[0], r, r)
-        mixers = torch.addmm(eye.reshape(1, -1), gates.to(flat_t.dtype).unsqueeze(1), flat_t)
-        return mixers.view(-1, *operator.shape).unbind(0)
+        const = self.constants() if constants is None else constants
+        eye = const.eye_flat
+        if eye is None or eye.shape[1] != operator.shape[0] * r * r or eye.dtype != operator.dtype:
+            eye = torch.eye(r, device=operator.device, dtype=operator.dtype).reshape(1, -1).repeat(1, operator.shape[0])
+            const.eye_flat = eye
+        flat_t = operator.transpose(1, 2).reshape(1, -1)  # (1, batch r r); a view of S_b^T
+        gates = const.gates[self.gate_slices[block]].to(flat_t.dtype)
+        mixers = torch.addcmul(eye, gates, flat_t)
+        return mixers.view(-1, *operator.shape)

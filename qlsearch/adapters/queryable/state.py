@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from qlsearch.adapters.queryable.router import AtomRouter, Route
+from qlsearch.adapters.queryable.router import AtomRouter, Route, RouteConstants
 
 
 @dataclass
@@ -23,7 +23,7 @@ class RoutingState:
     token_weights: Tensor | None = None
     instruction: Tensor | None = None  # e(c), (batch, d_e)
     log_prior: Tensor | None = None  # log p(c), (batch, M); the same for every block
-    keys: Tensor | None = None  # RMSNorm(k_m), (M, d_k); the same for every block
+    constants: RouteConstants | None = None  # what every block's route reads, made once per forward
     unit_states: dict[int, Tensor] = field(default_factory=dict)  # unit -> (batch, r)
     block_means: dict[int, Tensor] = field(default_factory=dict)  # block -> sbar_b
     routes: dict[int, Route] = field(default_factory=dict)
@@ -31,16 +31,19 @@ class RoutingState:
     hold: bool = False
     #: Fold (alpha/r)(I + g S_b) A into one factor while routes are held (exact up to rounding).
     fold: bool = True
+    #: The route constants made once for every forward while the weights are fixed
+    #: (``QueryableModel.fold``, the inference form); None: made per forward.
+    fixed_constants: RouteConstants | None = None
 
     def begin(self, token_weights: Tensor | None, instruction: Tensor | None, router: AtomRouter) -> None:
-        """Start a new forward pass that computes its own routes (and the keys and
+        """Start a new forward pass that computes its own routes (and the constants and
         instruction prior that all of them read)."""
         self.token_weights = token_weights
         self.instruction = instruction
-        self.keys = router.normed_keys()
+        self.constants = self.fixed_constants or router.constants()
         self.log_prior = None
         if instruction is not None and router.config.tau_lang != 0:
-            self.log_prior = router.language_log_prior(instruction, self.keys)
+            self.log_prior = router.language_log_prior(instruction, self.constants.keys)
         # fresh dicts, not clear(): a compiled forward then never guards on the last one's keys
         self.unit_states, self.block_means, self.routes = {}, {}, {}
         self.hold = False
@@ -56,7 +59,8 @@ class RoutingState:
             last = self.blocks[block - 1]
             self.block_means[block - 1] = torch.stack([self.unit_states[u] for u in last]).mean(0)
             means = torch.stack([self.block_means[i] for i in range(block)], dim=1)
-        self.routes[block] = router.route(block, entry_state, means, self.instruction, self.log_prior, self.keys)
+        self.routes[block] = router.route(block, entry_state, means, self.instruction, self.log_prior,
+                                          self.constants)
 
     def token_mean(self, x: Tensor) -> Tensor:
         """Mask-aware average of ``x`` (batch x tokens x d) over the tokens the route may see."""
