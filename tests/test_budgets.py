@@ -82,16 +82,21 @@ def sweep(capsys, path, root):
     return code, capsys.readouterr()
 
 
+def swept(capsys, tmp_path, name: str, body: str):
+    """Sweep study ``name`` (``write``'s file with ``body``) to the end; its Optuna study and
+    its COMPLETE trials."""
+    code, out = sweep(capsys, write(tmp_path, name, body), tmp_path / "runs")
+    assert code == 0, out.err
+    ot = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'runs' / name / 'study.db'}")
+    return ot, [t for t in ot.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
+
+
 @pytest.mark.usefixtures("ray_session")
 def test_trials_never_repeat_a_configuration(tmp_path, capsys):
     """TPE's random start-up over 4 configurations repeats some; each repeat is replaced by one
     the study has not run, so the 4 trials cover the space."""
-    path = write(tmp_path, "norepeat", 'num_trials = 4\nprofile = false\n[space.lora]\nr = [1, 2, 3, 4]\n'
-                                       "[resources]\nmax_concurrent = 1")
-    code, out = sweep(capsys, path, tmp_path / "runs")
-    assert code == 0, out.err
-    ot = optuna.load_study(study_name="norepeat", storage=f"sqlite:///{tmp_path / 'runs' / 'norepeat' / 'study.db'}")
-    complete = [t for t in ot.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
+    ot, complete = swept(capsys, tmp_path, "norepeat", 'num_trials = 4\nprofile = false\n[space.lora]\n'
+                         "r = [1, 2, 3, 4]\n[resources]\nmax_concurrent = 1")
     assert sorted(t.user_attrs["knobs"]["r"] for t in complete) == [1, 2, 3, 4]
     repeats = ot.get_trials(states=[optuna.trial.TrialState.PRUNED])
     assert repeats, "the seeded sampler repeated no configuration: this test proves nothing"
@@ -104,12 +109,8 @@ def test_a_shared_budget_moves_a_repeat_to_a_method_with_configurations_left(tmp
     """With one budget for every method (num_trials), the sampler picks the method too: once
     LoRA's single configuration has run, sampling LoRA again must not run it twice while
     DoRA's configurations wait. The 6 trials cover the 6 configurations."""
-    path = write(tmp_path, "shared", 'num_trials = 6\nprofile = false\n[space.lora]\nr = [1]\n'
-                                     "[space.dora]\nr = [1, 2, 3, 4, 5]\n[resources]\nmax_concurrent = 1")
-    code, out = sweep(capsys, path, tmp_path / "runs")
-    assert code == 0, out.err
-    ot = optuna.load_study(study_name="shared", storage=f"sqlite:///{tmp_path / 'runs' / 'shared' / 'study.db'}")
-    complete = [t for t in ot.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
+    ot, complete = swept(capsys, tmp_path, "shared", 'num_trials = 6\nprofile = false\n[space.lora]\nr = [1]\n'
+                         "[space.dora]\nr = [1, 2, 3, 4, 5]\n[resources]\nmax_concurrent = 1")
     ran = sorted((t.user_attrs["method"], t.user_attrs["knobs"]["r"]) for t in complete)
     assert ran == [*(("dora", r) for r in range(1, 6)), ("lora", 1)]
     moved = [t for t in ot.get_trials(states=[optuna.trial.TrialState.PRUNED]) if t.user_attrs["method"] == "lora"]
