@@ -61,9 +61,8 @@ def top_k_softmax(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
 class Route:
     """One block's route for a batch: what the routing trace reports."""
 
-    weights: Tensor  # (batch, k) softmax weights of the active atoms
+    alpha: Tensor  # (batch, M) routing weights, zero off the active set
     active: Tensor  # (batch, k) active atom ids
-    num_atoms: int
     beta: Tensor | None  # (batch, blocks before this one) depth-summary weights; None for block 0
     operator: Tensor  # (batch, r, r) S_b
     #: ``(I + g_p S_b)^T`` (batch, r, r) for each of the block's projections, in forward
@@ -74,13 +73,6 @@ class Route:
     mixers_t: tuple[Tensor, ...]
     #: the same stacked, (projections, batch, r, r): what a merge reads
     mixer_stack: Tensor
-
-    @property
-    def alpha(self) -> Tensor:
-        """(batch, M) routing weights, zero off the active set (made on demand: the
-        forward mixes only the ``k`` active atoms)."""
-        dense = self.weights.new_zeros(self.weights.shape[0], self.num_atoms)
-        return dense.scatter(-1, self.active, self.weights)
 
 
 @dataclass
@@ -171,8 +163,10 @@ class AtomRouter(nn.Module):
         # the logits' 1/(sqrt(d_k) T_dep) rides on the query's RMSNorm as its weight: one op fewer
         q = F.rms_norm(F.linear(pre_query, self.depth_query.weight), (c.d_k,), scale, RMS_EPS)
         keys = rms_norm(F.linear(block_means, self.depth_key.weight))  # (b, i, d_k)
-        beta = torch.softmax(torch.bmm(keys, q.unsqueeze(-1)).squeeze(-1), dim=-1)
-        return torch.bmm(beta.unsqueeze(1), block_means).squeeze(1), beta
+        # broadcast products, not bmm: a batch of tiny matrix products is the slowest way to
+        # do this little work on a CPU (measured: the route's share of a deep-MLP forward)
+        beta = torch.softmax((keys * q.unsqueeze(1)).sum(-1), dim=-1)
+        return (beta.unsqueeze(-1) * block_means).sum(1), beta
 
     def logits(self, query: Tensor, log_prior: Tensor | None, keys: Tensor | None = None) -> Tensor:
         """Fused logits ``zeta + tau_lang log p`` (eq. 3 / 36); ``keys`` as ``normed_keys()`` gives.
@@ -212,14 +206,13 @@ class AtomRouter(nn.Module):
         zeta = rms_norm(query) @ const.logit_keys  # eq. 3: the scale is in logit_keys
         if log_prior is not None and c.tau_lang != 0:
             zeta = zeta + c.tau_lang * log_prior
-        values, active = zeta.topk(c.top_k, dim=-1)
-        weights = torch.softmax(values, dim=-1)
-        # S_b^T = sum over the k active atoms of weight * C_m^T: gather k atoms, one bmm
-        # (no dense M-wide weights, no scatter; Route.alpha makes those for the trace)
-        operator_t = torch.bmm(weights.unsqueeze(1), F.embedding(active, const.atoms_t)).view(-1, c.r, c.r)
+        alpha, active = top_k_softmax(zeta, c.top_k)
+        # S_b^T = sum_m alpha_m C_m^T: one (batch x M) @ (M x r*r) GEMM over the dense weights
+        # (a gather of the k active atoms and a batch of tiny bmms costs more on a CPU)
+        operator_t = (alpha @ const.atoms_t).view(-1, c.r, c.r)
         operator = operator_t.transpose(1, 2)
         stack = self.mixers_t(block, operator, const)
-        return Route(weights, active, c.num_atoms, beta, operator, stack.unbind(0), stack)
+        return Route(alpha, active, beta, operator, stack.unbind(0), stack)
 
     def mixers_t(self, block: int, operator: Tensor, constants: RouteConstants | None = None) -> Tensor:
         """``(I + g_p S_b)^T`` stacked for the projections ``p`` of ``block`` (P x batch x r x r): one outer product of the
