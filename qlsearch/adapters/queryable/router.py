@@ -168,12 +168,12 @@ class AtomRouter(nn.Module):
         beta = torch.softmax((keys * q.unsqueeze(1)).sum(-1), dim=-1)
         return (beta.unsqueeze(-1) * block_means).sum(1), beta
 
-    def logits(self, query: Tensor, log_prior: Tensor | None, keys: Tensor | None = None) -> Tensor:
-        """Fused logits ``zeta + tau_lang log p`` (eq. 3 / 36); ``keys`` as ``normed_keys()`` gives.
-        (``route`` computes the same with the scale folded into ``RouteConstants.logit_keys``.)"""
+    def logits(self, query: Tensor, log_prior: Tensor | None, constants: RouteConstants | None = None) -> Tensor:
+        """Fused logits ``zeta + tau_lang log p`` (eq. 3 / 36); ``constants`` as ``constants()``
+        gives (None: made here), whose ``logit_keys`` carry the ``1/(sqrt(d_k) T_attn)``."""
         c = self.config
-        keys = self.normed_keys() if keys is None else keys
-        zeta = rms_norm(query) @ keys.T / (math.sqrt(c.d_k) * c.T_attn)
+        const = self.constants() if constants is None else constants
+        zeta = rms_norm(query) @ const.logit_keys
         if log_prior is not None and c.tau_lang != 0:
             zeta = zeta + c.tau_lang * log_prior
         return zeta
@@ -203,10 +203,7 @@ class AtomRouter(nn.Module):
         if block_means is not None:
             summary, beta = self.depth_summary(query, block_means, const.depth_scale)
             query = F.linear(summary, self.query_dep.weight, query)
-        zeta = rms_norm(query) @ const.logit_keys  # eq. 3: the scale is in logit_keys
-        if log_prior is not None and c.tau_lang != 0:
-            zeta = zeta + c.tau_lang * log_prior
-        alpha, active = top_k_softmax(zeta, c.top_k)
+        alpha, active = top_k_softmax(self.logits(query, log_prior, const), c.top_k)
         # S_b^T = sum_m alpha_m C_m^T: one (batch x M) @ (M x r*r) GEMM over the dense weights
         # (a gather of the k active atoms and a batch of tiny bmms costs more on a CPU)
         operator_t = (alpha @ const.atoms_t).view(-1, c.r, c.r)
