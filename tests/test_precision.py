@@ -101,7 +101,9 @@ def test_an_unknown_policy_names_the_allowed_ones():
 @pytest.mark.parametrize("method", ["replora", "doran", "hyra", "queryable", "lora"])
 def test_the_inference_form_gives_the_training_forms_outputs(method):
     """Folding generated factors and caching the casts is exact: same outputs, then training
-    goes on unfolded."""
+    goes on unfolded. The queryable form applies ``I + g S_b`` as ``s + g s S_b^T`` with ``g``
+    a fixed number, the same function rounded in another order: its logits may differ by
+    a few bf16 roundings of their size, no more."""
     model = bf16_model(method, dict(TEST_CASES)[method])
     step_fn(model, method, lr=1e-2)()  # B != 0, so the adapter changes the output
     model.eval()
@@ -110,6 +112,7 @@ def test_the_inference_form_gives_the_training_forms_outputs(method):
         expected = model(input_ids=ids).logits
         with inference_form(model):
             got = model(input_ids=ids).logits
-    torch.testing.assert_close(got, expected, atol=0.0, rtol=0.0)
+    rounding = 4 * torch.finfo(torch.bfloat16).eps * float(expected.abs().max()) if method == "queryable" else 0.0
+    torch.testing.assert_close(got, expected, atol=rounding, rtol=0.0)
     model.train()
     step_fn(model, method, lr=1e-2)()  # unfolded again: training works

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from qlsearch.adapters import attach
+from qlsearch.adapters._precision import inference_form
 from qlsearch.adapters.queryable import (
     QueryableConfig,
     QueryableLinear,
@@ -76,6 +77,24 @@ def test_each_projection_reads_its_own_gate():
         router.gate_logits[layers[9].index] = -torch.inf
     assert layers[9].gate == 0 and all(layer.gate > 0 for layer in layers if layer is not layers[9])
     assert not torch.equal(run(model, x), before)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "mlp"])
+def test_the_inference_form_computes_the_training_forms_outputs(kind):
+    """The inference form applies each gate as a fixed number to ``S_b`` itself and reads its
+    operands once (``QueryableModel.fold``): the same outputs up to float32 rounding, on sequences
+    and on the rows of a plain MLP, with gates that differ per projection; unfolded after."""
+    model = adapted(kind, num_blocks=3)
+    with torch.no_grad():
+        model.router.gate_logits.normal_(generator=torch.Generator().manual_seed(3))
+    x = tokens() if kind == "qwen2" else torch.randn(5, 2)
+    expected = run(model, x)
+    with inference_form(model):
+        assert all(layer.fixed is not None for layer in model.adapted_layers())
+        got = run(model, x)
+    torch.testing.assert_close(got, expected)
+    assert all(layer.fixed is None for layer in model.adapted_layers())
+    assert model.state.fixed_constants is None
 
 
 def test_parameter_count_formula_matches_at_the_qwen_shape():

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -140,13 +141,9 @@ class QueryableModel(AdapterModel):
                 if entry or block_of[unit] < len(blocks) - 1:
                     state_layers[0].state_layers = tuple(state_layers)
                 state_layers[0].is_entry = entry
-        self._pending_instruction: Tensor | None = None
-        self._pending_route_mask: Tensor | None = None
-        self._generating = False
-        self._prefilled = False
+        self._call = _Call()
         #: Merge the update into the weights while decoding one prompt (False: fold per example).
         self.merge_decode = True
-        self._mergeable = False  # this generate call decodes one prompt in eval mode
         self._merged: list[tuple[dict, str, QueryableLinear]] = []  # swapped out now
         self._merge_groups: tuple | None = None  # ((device, dtype), _merge_plan(...)), made at the first merge
         self._encoder: InstructionEncoder | None = None
@@ -180,10 +177,10 @@ class QueryableModel(AdapterModel):
         return instruction.to(device=ref.device, dtype=ref.dtype)
 
     def _begin_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        state = self.state
-        if self._generating and self._prefilled:  # a decode step: the fast path first
+        state, call = self.state, self._call
+        if call.generating and call.prefilled:  # a decode step: the fast path first
             state.hold = True
-            if self._mergeable and not self._merged:
+            if call.mergeable and not self._merged:
                 self._merge_updates()
             return
         cache = kwargs.get("past_key_values")
@@ -194,16 +191,16 @@ class QueryableModel(AdapterModel):
             state.hold = True
             return
         batch = self._batch_size(args, kwargs)
-        mask = self._pending_route_mask
+        mask = call.route_mask
         if mask is None:
             mask = kwargs.get("attention_mask")
             if mask is not None and mask.dim() != 2:
                 raise ValueError(
                     "route_mask: the attention_mask is not 2-D (batch x tokens); pass route_mask"
                 )
-        instruction = _rows_for(self._pending_instruction, batch, "instruction")
+        instruction = _rows_for(call.instruction, batch, "instruction")
         state.begin(token_weights_from_mask(_rows_for(mask, batch, "route_mask")), instruction, self.router)
-        self._prefilled = self._generating
+        call.prefilled = call.generating
 
     @staticmethod
     def _batch_size(args: tuple, kwargs: dict) -> int | None:
@@ -215,16 +212,17 @@ class QueryableModel(AdapterModel):
     @contextlib.contextmanager
     def _context(self, instruction: Instruction, route_mask: Tensor | None, generating: bool,
                  prompts: int | None = None):
-        self._pending_instruction = self.embed_instruction(instruction)
-        self._pending_route_mask = route_mask
-        self._generating, self._prefilled = generating, False
-        self._mergeable = generating and prompts == 1 and self.merge_decode and not self.training
+        call = self._call
+        call.instruction = self.embed_instruction(instruction)
+        call.route_mask = route_mask
+        call.generating, call.prefilled = generating, False
+        call.mergeable = generating and prompts == 1 and self.merge_decode and not self.training
         try:
             yield
         finally:
             self._restore_updates()
-            self._pending_instruction = self._pending_route_mask = None
-            self._generating = self._prefilled = self._mergeable = False
+            call.instruction = call.route_mask = None
+            call.generating = call.prefilled = call.mergeable = False
             if generating:
                 self.state.hold = False
 
@@ -294,14 +292,22 @@ class QueryableModel(AdapterModel):
 
     def fold(self) -> None:
         """The inference form's one-time work (``inference_form`` calls it): the constants every
-        route reads (normed keys, atoms, gates; ``RouteConstants``) are made once instead of
-        per forward, saving a handful of ops per forward. Outputs are unchanged; ``unfold()``
-        before training again (the constants would not follow optimizer steps)."""
+        route reads (normed keys, atoms, gates, the maps' weights; ``RouteConstants``) and each
+        projection's operands (``Operands``, with its gate ``g`` as a number) are made once
+        instead of per forward. A fixed ``g`` lets each projection apply ``I + g S_b`` as one
+        ``baddbmm`` on ``S_b`` itself, so no route makes mixers. Outputs are those of the
+        training form up to rounding (``s + g s S_b^T`` instead of ``s (I + g S_b)^T``);
+        ``unfold()`` before training again (none of this follows optimizer steps)."""
         with torch.no_grad():
             self.state.fixed_constants = self.router.constants()
+            gates = self.state.fixed_constants.gates.view(-1).tolist()
+            for layer in self.adapted_layers():
+                layer.fixed = layer.operands(gates[layer.index])
 
     def unfold(self) -> None:
         self.state.fixed_constants = None
+        for layer in self.adapted_layers():
+            layer.fixed = None
 
     def gradient_checkpointing_enable(self, **kwargs) -> None:
         """Non-reentrant checkpointing, so recomputed layers read the forward's routes."""
@@ -336,6 +342,19 @@ class QueryableModel(AdapterModel):
 
     def adapted_shapes(self) -> list[tuple[int, int]]:
         return [(m.base_layer.in_features, m.base_layer.out_features) for m in self.adapted_layers()]
+
+
+@dataclass
+class _Call:
+    """What the running ``forward`` or ``generate`` call passes to the pre-hook: a plain object,
+    because setting attributes on the model goes through ``nn.Module.__setattr__``, several us
+    each, and a call set ten of them."""
+
+    instruction: Tensor | None = None  # e(c), as embed_instruction gives it
+    route_mask: Tensor | None = None
+    generating: bool = False
+    prefilled: bool = False  # generating, and the prompt's forward has run
+    mergeable: bool = False  # generating one prompt in eval mode: decode merged
 
 
 class _MergedLinear(nn.Module):

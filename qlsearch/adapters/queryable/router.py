@@ -27,10 +27,11 @@ Decisions where the paper is ambiguous (DESIGN.md decides):
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -65,27 +66,51 @@ class Route:
     active: Tensor  # (batch, k) active atom ids
     beta: Tensor | None  # (batch, blocks before this one) depth-summary weights; None for block 0
     operator: Tensor  # (batch, r, r) S_b
-    #: ``(I + g_p S_b)^T`` (batch, r, r) for each of the block's projections, in forward
-    #: order: made once per block, so each projection's routed update ``s (I + g_p S_b)^T``
-    #: is one ``bmm`` (whose backward is one op shorter than ``s + s (g_p S_b)^T``'s).
-    #: In bf16 the diagonal ``1 + g S_ii`` rounds to bf16's spacing near 1, an error of
-    #: the size of the rounding of the result ``t`` itself.
-    mixers_t: tuple[Tensor, ...]
-    #: the same stacked, (projections, batch, r, r): what a merge reads
-    mixer_stack: Tensor
+    operator_t: Tensor  # S_b^T, contiguous: what the fixed-gate forward multiplies by
+    #: makes the stacked mixers (see ``mixer_stack``) at their first read
+    make_mixers: Callable[[], Tensor] = field(repr=False)
+    _mixer_stack: Tensor | None = field(default=None, repr=False)
+    _mixers_t: tuple[Tensor, ...] = field(default=(), repr=False)
+
+    @property
+    def mixer_stack(self) -> Tensor:
+        """``(I + g_p S_b)^T`` (projections, batch, r, r) for the block's projections, in forward
+        order: made once per block at the first read, so each projection's routed update
+        ``s (I + g_p S_b)^T`` is one ``bmm`` (whose backward is one op shorter than
+        ``s + s (g_p S_b)^T``'s). The inference form (gates fixed) never reads them.
+        In bf16 the diagonal ``1 + g S_ii`` rounds to bf16's spacing near 1, an error of
+        the size of the rounding of the result ``t`` itself."""
+        if self._mixer_stack is None:
+            self._mixer_stack = self.make_mixers()
+            self._mixers_t = self._mixer_stack.unbind(0)
+        return self._mixer_stack
+
+    @property
+    def mixers_t(self) -> tuple[Tensor, ...]:
+        """``mixer_stack`` as one (batch, r, r) view per projection."""
+        if self._mixer_stack is None:
+            self.mixer_stack  # noqa: B018 (makes them)
+        return self._mixers_t
 
 
 @dataclass
 class RouteConstants:
     """What every block's route of one forward reads, made once per forward
     (``AtomRouter.constants``): the router's op count per block is what its cost is on
-    a small backbone, so nothing that is the same for every block is made per block."""
+    a small backbone, so nothing that is the same for every block is made per block.
+    The maps' weights are here as plain references for the same reason: reading a
+    parameter through ``nn.Module.__getattr__`` costs 1-2 us, as much as a small op."""
 
     keys: Tensor  # RMSNorm(k_m), (M, d_k): the instruction prior reads these
     logit_keys: Tensor  # RMSNorm(k_m)^T / (sqrt(d_k) T_attn), (d_k, M): logits in one matmul
     atoms_t: Tensor  # C_m^T flattened, (M, r*r): a route mixes S_b^T directly
     gates: Tensor  # g_p = sigmoid(eta_p) of every projection, (P, 1)
     depth_scale: Tensor  # 1 / (sqrt(d_k) T_dep) as RMSNorm weights (d_k,): the depth query's scale
+    priors: tuple[Tensor, ...]  # w_{l_b} of each block, (d_k,)
+    query_cur: Tensor  # Q_cur, (d_k, r)
+    query_dep: Tensor | None  # Q_dep, (d_k, r)
+    depth_query: Tensor | None  # Q_dep,q, (d_k, d_k)
+    depth_key: Tensor | None  # Q_dep,k, (d_k, r)
     eye_flat: Tensor | None = None  # I_r repeated per example, (1, batch*r*r): made at the first route
 
 
@@ -128,12 +153,18 @@ class AtomRouter(nn.Module):
         c = self.config
         keys = self.normed_keys()
         atoms = self.atoms
+        weight = lambda linear: None if linear is None else linear.weight  # noqa: E731
         return RouteConstants(
             keys=keys,
             logit_keys=keys.T / (math.sqrt(c.d_k) * c.T_attn),
             atoms_t=atoms.transpose(1, 2).reshape(c.num_atoms, c.r * c.r),
             gates=self.gate_logits.sigmoid().unsqueeze(1),
             depth_scale=keys.new_full((c.d_k,), 1.0 / (math.sqrt(c.d_k) * c.T_dep)),
+            priors=self.block_prior.unbind(0),
+            query_cur=self.query_cur.weight,
+            query_dep=weight(self.query_dep),
+            depth_query=weight(self.depth_query),
+            depth_key=weight(self.depth_key),
         )
 
     def language_log_prior(self, instruction: Tensor, keys: Tensor | None = None) -> Tensor:
@@ -144,25 +175,24 @@ class AtomRouter(nn.Module):
         return torch.log_softmax(rho / (math.sqrt(c.d_k) * c.T_lang), dim=-1)
 
     def depth_summary(self, pre_query: Tensor, block_means: Tensor,
-                      scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                      constants: RouteConstants | None = None) -> tuple[Tensor, Tensor]:
         """``u = sum_i beta_i sbar_i`` over completed blocks (eq. 27-32).
 
         ``pre_query`` is ``q0`` (batch x d_k); ``block_means`` stacks ``sbar_i``
-        (batch x i x r); ``scale`` is ``RouteConstants.depth_scale`` (None: made here).
+        (batch x i x r); ``constants`` as ``constants()`` gives (None: made here).
         Returns ``(u, beta)``.
 
         With one completed block the softmax is exactly 1 and its gradient exactly
         0, so the attention is skipped: ``u = sbar_0`` (``Q_dep,q`` and ``Q_dep,k``
         then get no gradient from this block rather than a zero one).
         """
-        c = self.config
         if block_means.shape[1] == 1:
             return block_means[:, 0], block_means.new_ones(block_means.shape[0], 1)
-        if scale is None:
-            scale = pre_query.new_full((c.d_k,), 1.0 / (math.sqrt(c.d_k) * c.T_dep))
+        const = self.constants() if constants is None else constants
+        d_k = self.config.d_k
         # the logits' 1/(sqrt(d_k) T_dep) rides on the query's RMSNorm as its weight: one op fewer
-        q = F.rms_norm(F.linear(pre_query, self.depth_query.weight), (c.d_k,), scale, RMS_EPS)
-        keys = rms_norm(F.linear(block_means, self.depth_key.weight))  # (b, i, d_k)
+        q = F.rms_norm(F.linear(pre_query, const.depth_query), (d_k,), const.depth_scale, RMS_EPS)
+        keys = rms_norm(F.linear(block_means, const.depth_key))  # (b, i, d_k)
         # broadcast products, not bmm: a batch of tiny matrix products is the slowest way to
         # do this little work on a CPU (measured: the route's share of a deep-MLP forward)
         beta = torch.softmax((keys * q.unsqueeze(1)).sum(-1), dim=-1)
@@ -196,20 +226,20 @@ class AtomRouter(nn.Module):
         c = self.config
         const = self.constants() if constants is None else constants
         # F.linear with the bias slot doing the addition: one op where module call + add were two
-        query = F.linear(entry_state, self.query_cur.weight, self.block_prior[block])
+        query = F.linear(entry_state, const.query_cur, const.priors[block])
         if instruction is not None and c.lambda_ctx != 0:
             query = query + c.lambda_ctx * self.query_ctx(instruction)
         beta = None
         if block_means is not None:
-            summary, beta = self.depth_summary(query, block_means, const.depth_scale)
-            query = F.linear(summary, self.query_dep.weight, query)
+            summary, beta = self.depth_summary(query, block_means, const)
+            query = F.linear(summary, const.query_dep, query)
         alpha, active = top_k_softmax(self.logits(query, log_prior, const), c.top_k)
         # S_b^T = sum_m alpha_m C_m^T: one (batch x M) @ (M x r*r) GEMM over the dense weights
         # (a gather of the k active atoms and a batch of tiny bmms costs more on a CPU)
         operator_t = (alpha @ const.atoms_t).view(-1, c.r, c.r)
         operator = operator_t.transpose(1, 2)
-        stack = self.mixers_t(block, operator, const)
-        return Route(alpha, active, beta, operator, stack.unbind(0), stack)
+        return Route(alpha, active, beta, operator, operator_t,
+                     functools.partial(self.mixers_t, block, operator, const))
 
     def mixers_t(self, block: int, operator: Tensor, constants: RouteConstants | None = None) -> Tensor:
         """``(I + g_p S_b)^T`` stacked for the projections ``p`` of ``block`` (P x batch x r x r): one outer product of the

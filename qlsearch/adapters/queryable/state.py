@@ -58,7 +58,8 @@ class RoutingState:
         if block > 0:
             last = self.blocks[block - 1]
             self.block_means[block - 1] = torch.stack([self.unit_states[u] for u in last]).mean(0)
-            means = torch.stack([self.block_means[i] for i in range(block)], dim=1)
+            means = [self.block_means[i] for i in range(block)]
+            means = means[0].unsqueeze(1) if block == 1 else torch.stack(means, dim=1)  # a view, not a copy, of one
         self.routes[block] = router.route(block, entry_state, means, self.instruction, self.log_prior,
                                           self.constants)
 
