@@ -367,8 +367,10 @@ class StudySearch(OptunaSearch):
         self._record(ot_trial, {"failure": REPEAT.format(number=repeat_of), "method": config["method"],
                                 "knobs": config["knobs"]})
         self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
+        # a retry slot (an interrupted trial's, sampled afresh) stays that trial's retry
+        lineage = {k: ot_trial.user_attrs[k] for k in ("retry_of",) if k in ot_trial.user_attrs}
         self._ot_study.enqueue_trial({}, user_attrs={"method": replacement[0], "knobs": replacement[1],
-                                                     "fixed": True})
+                                                     "fixed": True, **lineage})
         self.driver.release(ot_trial._trial_id)
         del self._ot_trials[trial_id]
         return True
