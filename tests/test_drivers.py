@@ -229,6 +229,28 @@ def test_a_stale_trial_is_run_again_once_and_a_late_result_lands_in_its_retry(tm
     alive.stop()
 
 
+def test_a_retry_slot_whose_sample_repeats_a_configuration_stays_that_trials_retry(tmp_path):
+    """A trial interrupted before its configuration was chosen is retried as a fresh slot. When
+    that slot's sample repeats a configuration the study has, the unrun configuration queued in
+    its place is still the interrupted trial's retry (a resumed sweep found none once)."""
+    path = write_study(tmp_path / "s.toml", "lineage", sampler="tpe", num_trials=4)
+    study = load_study(path)
+    ot, storage = open_study(study, tmp_path / "runs")
+    prepare(ot, study)
+    search = StudySearch.for_study(study, storage, seed=0, unstored_dir=tmp_path / "unstored",
+                                   driver=Driver(1, version=1))
+    assert search.suggest("tune-a")["baseline"] == "lora"  # enqueued first
+    sampled = search.suggest("tune-b")
+    assert sampled["method"] == "queryable"
+    ot.enqueue_trial({}, user_attrs={"retry_of": 7})  # what retry_attrs gives a trial with no configuration
+    search._ot_trials["tune-c"] = search.driver.claim(ot, retry_of=7)
+    assert search._replaced_repeat("tune-c", sampled)  # the slot drew tune-b's configuration again
+    (replacement,) = [t for t in ot.get_trials(states=[State.WAITING]) if t.user_attrs.get("fixed")]
+    assert replacement.user_attrs["retry_of"] == 7
+    assert replacement.user_attrs["method"] == "queryable" and replacement.user_attrs["knobs"] != sampled["knobs"]
+    search.driver.stop()
+
+
 # ---- real drivers on the real PostgreSQL server -------------------------------------------
 
 
