@@ -199,13 +199,19 @@ def test_the_storage_lock_lets_one_driver_in_at_a_time(tmp_path, where):
 # ---- leases: a trial is stale when its driver is gone ------------------------------------
 
 
-def test_a_stale_trial_is_run_again_once_and_a_late_result_lands_in_its_retry(tmp_path):
-    path = write_study(tmp_path / "s.toml", "leases", sampler="tpe", num_trials=3)
-    study = load_study(path)
+def study_search(tmp_path: Path, name: str, **study_file) -> tuple[optuna.Study, object, StudySearch]:
+    """A tiny TPE study (``write_study``) opened and prepared, and a searcher on it whose
+    driver beats every second: the Optuna study, its storage and the searcher."""
+    study = load_study(write_study(tmp_path / "s.toml", name, sampler="tpe", **study_file))
     ot, storage = open_study(study, tmp_path / "runs")
     prepare(ot, study)
-    slow = StudySearch.for_study(study, storage, seed=0, unstored_dir=tmp_path / "unstored",
-                                 driver=Driver(1, version=1))
+    search = StudySearch.for_study(study, storage, seed=0, unstored_dir=tmp_path / "unstored",
+                                   driver=Driver(1, version=1))
+    return ot, storage, search
+
+
+def test_a_stale_trial_is_run_again_once_and_a_late_result_lands_in_its_retry(tmp_path):
+    ot, storage, slow = study_search(tmp_path, "leases", num_trials=3)
     assert slow.suggest("tune-a") == {"method": "lora", "knobs": {"r": 4}, "baseline": "lora"}  # enqueued first
     lost = slow._ot_trials["tune-a"]
     alive = Driver(1, version=1)
@@ -233,12 +239,7 @@ def test_a_retry_slot_whose_sample_repeats_a_configuration_stays_that_trials_ret
     """A trial interrupted before its configuration was chosen is retried as a fresh slot. When
     that slot's sample repeats a configuration the study has, the unrun configuration queued in
     its place is still the interrupted trial's retry (a resumed sweep found none once)."""
-    path = write_study(tmp_path / "s.toml", "lineage", sampler="tpe", num_trials=4)
-    study = load_study(path)
-    ot, storage = open_study(study, tmp_path / "runs")
-    prepare(ot, study)
-    search = StudySearch.for_study(study, storage, seed=0, unstored_dir=tmp_path / "unstored",
-                                   driver=Driver(1, version=1))
+    ot, _, search = study_search(tmp_path, "lineage", num_trials=4)
     assert search.suggest("tune-a")["baseline"] == "lora"  # enqueued first
     sampled = search.suggest("tune-b")
     assert sampled["method"] == "queryable"
