@@ -368,7 +368,7 @@ class StudySearch(OptunaSearch):
                                 "knobs": config["knobs"]})
         self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
         # a retry slot (an interrupted trial's, sampled afresh) stays that trial's retry
-        lineage = {k: ot_trial.user_attrs[k] for k in ("retry_of",) if k in ot_trial.user_attrs}
+        lineage = {"retry_of": ot_trial.user_attrs["retry_of"]} if "retry_of" in ot_trial.user_attrs else {}
         self._ot_study.enqueue_trial({}, user_attrs={"method": replacement[0], "knobs": replacement[1],
                                                      "fixed": True, **lineage})
         self.driver.release(ot_trial._trial_id)

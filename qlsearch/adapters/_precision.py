@@ -126,7 +126,9 @@ def inference_form(model: nn.Module) -> Iterator[str]:
 
     Inside, every cast of the policy is made once and reused, and a method whose
     factors are generated from other weights (RepLoRA, DoRAN, HyRA) generates them
-    once (``fold``); the forward then costs what LoRA's does. Outputs are unchanged.
+    once (``fold``); the forward then costs what LoRA's does. Outputs are unchanged (the
+    queryable form's up to rounding: with its gates fixed it computes ``s + g s S^T`` where
+    training computes ``s (I + g S)^T``).
     Training must happen outside: the cached casts and folded factors do not follow
     optimizer steps. A method names its form in ``inference_form_name`` (PEFT's
     methods run unmerged: ``unmerged``).
