@@ -16,7 +16,8 @@
 #                                                  the GPU machine lacks, into DIR (default .whl)
 #
 # A borrowed GPU machine starts bare: its own torch (2.11 when last seen), transformers, peft,
-# safetensors, pandas and matplotlib, but no optuna, ray or datasets, and no package index.
+# safetensors, pandas and matplotlib, but no optuna, ray (nor the pydantic that Ray Tune imports) or
+# datasets, and no package index.
 # What is missing travels along as wheels: `--wheels` downloads, for CPython 3.12 on manylinux
 # x86-64 and at the versions installed here, exactly the packages listed in MISSING below (never
 # torch: the machine's own CUDA build stays). On the GPU machine, when qlsearch's dependencies do
@@ -29,7 +30,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 MISSING="optuna alembic sqlalchemy mako colorlog greenlet ray jsonschema jsonschema-specifications
-referencing rpds-py tensorboardx datasets dill multiprocess"
+referencing rpds-py tensorboardx datasets dill multiprocess pydantic pydantic-core annotated-types
+typing-inspection typing-extensions"
 PYTHON="${PYTHON:-python3}"
 WHEELS="${WHEELS:-.whl}"
 DRY=0
