@@ -163,9 +163,11 @@ def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path, ray_s
     path.write_text(STUDY_FILE.format(cache=tmp_path / "cache"))
     root = tmp_path / "runs"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "qlsearch.cli", "sweep", str(path), "--root", str(root), "--num-cpus", "1"],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "driver.log"  # the driver's own words, shown if it fails
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "qlsearch.cli", "sweep", str(path), "--root", str(root), "--num-cpus", "1"],
+            env=env, start_new_session=True, stdout=sink, stderr=subprocess.STDOUT)
     from qlsearch.study import load_study
 
     study = load_study(path)
@@ -173,7 +175,7 @@ def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path, ray_s
     deadline = time.time() + 600  # a loaded machine starts Ray and pre-trains slowly; the loop ends at once
     finished = []
     try:
-        while time.time() < deadline:
+        while time.time() < deadline and proc.poll() is None:
             time.sleep(1)
             try:
                 trials = optuna.load_study(study_name="resume", storage=storage).get_trials()
@@ -182,7 +184,8 @@ def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path, ray_s
             finished = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
             if finished and any(t.state == optuna.trial.TrialState.RUNNING for t in trials):
                 break
-        assert finished, "no trial finished before the deadline"
+        assert finished, (f"no trial finished (driver exit code {proc.poll()}); its log ends:\n"
+                          + log.read_text(errors="replace")[-4000:])
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
         proc.wait()
