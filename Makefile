@@ -70,6 +70,10 @@ bench: setup
 	$(BIN)/qlsearch profile --model benchmarks/configs/qwen2.5-0.5b --methods lora,queryable,instr-queryable \
 		--batch 1 --seq 128 --skip decode,flops --repeats 5 --warmup 1 --threads 2 \
 		--out benchmarks/results/qwen2.5-0.5b
+	$(BIN)/qlsearch profile --model benchmarks/configs/launch-bound \
+		--methods lora,dora,replora,hyra,doran,moelora,queryable,instr-queryable --batch 1 --seq 128 \
+		--dtype bfloat16 --skip decode,train --repeats 1 --warmup 0 --threads 2 \
+		--out benchmarks/results/kernels --tag launch-bound-bf16-b1-s128
 
 clean:
 	rm -rf $(VENV) .venv-oldest .pytest_cache .ruff_cache

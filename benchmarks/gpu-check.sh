@@ -174,7 +174,7 @@ out, device = sys.argv[1:]
 profile = json.load(open(profile_path))
 rows = profile["methods"]
 # prefill_ms: the decode phase ran; its tokens/s can be null at toy sizes (t(N) - t(1) <= 0 in noise)
-phases = ("forward_ms", "prefill_ms", "train_step_ms", "flops") + (("decode_tokens_per_s",) if device == "cuda" else ())
+phases = ("forward_ms", "prefill_ms", "train_step_ms", "flops", "kernels") + (("decode_tokens_per_s",) if device == "cuda" else ())
 for name, row in rows.items():
     # nothing to train in the frozen model or the merged LoRA row: no training step there
     missing = [p for p in phases if row[p] is None and not (p == "train_step_ms" and not row["trainable_params"])]
@@ -182,7 +182,8 @@ for name, row in rows.items():
     if device == "cuda":
         assert row["peak_memory_bytes"], f"profile: {name} has no peak memory"
     print(f"{name:16s} forward x LoRA {row['forward_ratio']:.3f}  x frozen {row['forward_ratio_frozen']:.3f}  "
-          f"decode x frozen {row['decode_ratio_frozen'] or float('nan'):.3f}  train x LoRA {row['train_ratio'] or float('nan'):.3f}")
+          f"decode x frozen {row['decode_ratio_frozen'] or float('nan'):.3f}  train x LoRA {row['train_ratio'] or float('nan'):.3f}  "
+          f"(kernels x LoRA: forward {row['kernels_ratio']:.3f}, train {row['train_kernels_ratio'] or float('nan'):.3f})")
 trial = json.load(open(f"{out}/trial.json"))
 assert trial["status"] == "completed", f"trial: {trial['status']}: {trial.get('failure')}"
 if device == "cuda":

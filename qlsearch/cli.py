@@ -92,7 +92,7 @@ def _add_profile(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile each model (forward, train)")
     p.add_argument("--repeats", type=int, default=default["repeats"], help="timed rounds")
     p.add_argument("--warmup", type=int, default=default["warmup"], help="untimed rounds first")
-    p.add_argument("--skip", type=_skip, default="", help=f"phases to leave out, of {','.join(SKIPPABLE)}")
+    p.add_argument("--skip", type=_skip, default="", help=f"phases to leave out, of {','.join(SKIPPABLE)} (flops: the FLOP and kernel counts)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (None: torch's default)")
     p.add_argument("--attn-implementation", default=default["attn_implementation"],
                    help="attention kernel: sdpa, eager, ...")

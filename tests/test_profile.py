@@ -182,6 +182,23 @@ def test_compiled_models_do_not_recompile_while_timed(qwen):
     assert out.settings["compiled_phases"] == ["forward", "train"]
 
 
+def test_an_in_place_gemm_counts_its_flops():
+    """``C.addmm_(A, B)`` with A (4 x 3), B (3 x 5): 4 * 5 dot products of length 3, 2 FLOPs per
+    multiply-add, as the counter scores ``addmm``."""
+    from qlsearch.profiling._flops import count_flops
+
+    counted = count_flops(lambda: torch.zeros(4, 5).addmm_(torch.ones(4, 3), torch.ones(3, 5)))
+    assert counted["matmul_flops"] == 2 * 4 * 5 * 3
+
+
+def test_the_markdown_states_queryables_implementation_advantage(result):
+    from qlsearch.profiling import format_markdown
+
+    text = format_markdown(result)
+    assert "Implementation, queryable: its layers run one GEMM" in text
+    assert "Implementation, instr-queryable:" in text and "Implementation, lora" not in text
+
+
 def test_flops_count_attention_and_the_routing_arithmetic(result):
     """Eager attention for the count (SDPA on CPU scores 0); the routing's softmax, top-k and
     norms are counted, so the queryable adapter costs more FLOPs than LoRA, the frozen model fewer."""

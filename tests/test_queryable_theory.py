@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from torch import nn
 
 from qlsearch.adapters.queryable import (
     AtomRouter,
@@ -219,7 +220,7 @@ def test_route_matches_a_per_example_loop_of_the_papers_equations():
     """One block's route (eq. 3, 26-32, Alg. 2) written as a loop over examples and atoms with
     plain vector ops, against the batched route: the operator, weights, depth weights and mixers."""
     torch.manual_seed(0)
-    config = QueryableConfig(r=4, num_atoms=8, top_k=3, num_blocks=3, d_k=16, T_attn=0.7, T_dep=1.3)
+    config = QueryableConfig(r=4, alpha=6.0, num_atoms=8, top_k=3, num_blocks=3, d_k=16, T_attn=0.7, T_dep=1.3)
     router = AtomRouter(config, block_sizes=[2, 1, 2])
     with torch.no_grad():
         router.gate_logits.normal_()
@@ -245,4 +246,72 @@ def test_route_matches_a_per_example_loop_of_the_papers_equations():
             torch.testing.assert_close(route.operator[n], S)
             for slot, p in enumerate((3, 4)):  # block 2's projections are the 4th and 5th
                 g = torch.sigmoid(router.gate_logits[p])
-                torch.testing.assert_close(route.mixers_t[slot][n], (torch.eye(4) + g * S).T)
+                # the mixers carry the LoRA scale alpha/r = 6/4
+                torch.testing.assert_close(route.mixers_t[slot][n], 1.5 * (torch.eye(4) + g * S).T)
+
+
+class _Attention(nn.Module):
+    """Q, K and V of one input, as an attention reads them; with ``k_scale``, K reads another
+    tensor (a model whose state projections do not share their input)."""
+
+    def __init__(self, width: int, k_scale: float | None):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(width, width) for _ in range(3))
+        self.k_scale = k_scale
+
+    def forward(self, x):
+        k_in = x if self.k_scale is None else self.k_scale * x
+        return x + self.q_proj(x) + self.k_proj(k_in) + self.v_proj(x)
+
+
+class _Layers(nn.Module):
+    def __init__(self, k_scale: float | None = None):
+        super().__init__()
+        self.layers = nn.ModuleList([_Attention(6, k_scale) for _ in range(2)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+@pytest.mark.parametrize(("k_scale", "dropout"), [(None, 0.0), (3.0, 0.0), (None, 0.5)])
+def test_unit_state_and_updates_follow_eq_15_16_as_a_loop(k_scale, dropout):
+    """Eq. 15-16 and the routed update as loops over examples, tokens and projections: the unit
+    state is the mean over Q, K, V of ``A^p`` applied to the token-averaged unit input ``x``
+    (eq. 15 has one ``x`` per layer; the first state projection's input, which is all the route
+    can have seen when that projection needs it), and each projection gives
+    ``W0 x + b + (alpha/r) B (s + g S_b s)``, ``s = A x``, on its own input. Q, K, V of one
+    input share a GEMM; K of another input (k_scale) makes its own; under training-time
+    dropout the state sees the input without it."""
+    model = queryable(_Layers(k_scale), alpha=6.0, num_blocks=2, dropout=dropout)
+    randomize_adapter(model)
+    with torch.no_grad():
+        model.router.gate_logits.normal_()
+    model.train(dropout > 0)
+    seen = {}
+    layers = [m for m in model.modules() if isinstance(m, QueryableLinear)]
+    hooks = [layer.register_forward_hook(lambda mod, args, out: seen.__setitem__(mod, (args[0], out)))
+             for layer in layers]
+    x = torch.randn(3, 5, 6)
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    for unit in range(2):
+        projections = layers[3 * unit:3 * unit + 3]
+        unit_input = seen[projections[0]][0]
+        expected = torch.stack([sum(p.lora_A @ unit_input[n].mean(0) for p in projections) / 3 for n in range(3)])
+        torch.testing.assert_close(model.state.unit_states[unit], expected)
+    if dropout:
+        return  # the outputs carry dropout's random masks
+    for layer in layers:
+        x_in, out = seen[layer]
+        S = model.state.routes[layer.block].operator
+        g = torch.sigmoid(model.router.gate_logits[layer.index])
+        base = layer.base_layer
+        for n in range(3):
+            for t in range(5):
+                s = layer.lora_A @ x_in[n, t]
+                y = base.weight @ x_in[n, t] + base.bias + 1.5 * layer.lora_B @ (s + g * S[n] @ s)
+                torch.testing.assert_close(out[n, t], y)

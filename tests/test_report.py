@@ -79,8 +79,10 @@ def test_report_has_every_section(swept):
                 "importance", "sweeps"):
         assert f'<section id="{key}">' in text
     for what in ("study file", "storage", "trials", "dates", "coverage", "budget per method", "seeds",
-                 "environment", "hardware", "sweep overhead"):
+                 "environment", "hardware", "sweep overhead", "implementation"):
         assert f"<dt>{what}</dt>" in text
+    # forward_ms beside LoRA: the page says what queryable's layers do that PEFT's do not
+    assert "queryable: its layers run one GEMM for the A of a unit&#x27;s Q, K and V" in text
     assert "5 finished, 1 failed, 0 running" in text
     folder = page.parent
     data = load_study_data(study, tmp / "runs")

@@ -173,7 +173,7 @@ def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path, ray_s
     study = load_study(path)
     storage = study.storage_url(root)
     deadline = time.time() + 600  # a loaded machine starts Ray and pre-trains slowly; the loop ends at once
-    finished = []
+    finished, trials = [], []
     try:
         while time.time() < deadline and proc.poll() is None:
             time.sleep(1)
@@ -184,7 +184,8 @@ def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path, ray_s
             finished = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
             if finished and any(t.state == optuna.trial.TrialState.RUNNING for t in trials):
                 break
-        assert finished, (f"no trial finished (driver exit code {proc.poll()}); its log ends:\n"
+        assert finished, (f"no trial finished (driver exit code {proc.poll()}; trials "
+                          f"{[(t.state.name, t.user_attrs.get('failure')) for t in trials]}); its log ends:\n"
                           + log.read_text(errors="replace")[-4000:])
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started

@@ -10,7 +10,7 @@ named by ``module:attribute`` or by an entry point of group ``qlsearch.methods``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from difflib import get_close_matches
 
@@ -37,6 +37,9 @@ class Method:
     #: a further check of a whole set of knobs (e.g. building PEFT's config with them):
     #: ``check(knobs, where)`` raises ``ValueError("<where>...: ...; allowed: ...")``
     check: Callable[[dict, str], None] | None = None
+    #: what this method's implementation does that its rivals' (PEFT's layers) do not, where
+    #: that shows in latency: reports and profiles state it beside the times ("": nothing)
+    advantage: str = ""
 
     def check_names(self, names, where: str = "knobs", also: tuple[str, ...] = ()) -> None:
         """Every name must be one of this method's knobs or of ``also`` (settings a study puts
@@ -74,6 +77,20 @@ def register(method: Method) -> Method:
 def get_method(name: str) -> Method:
     """The method a study names: built-in, ``peft:<name>``, ``module:attribute`` or an entry point."""
     return METHODS.get(name)
+
+
+def advantages(names: Iterable[str]) -> dict[str, str]:
+    """``Method.advantage`` of each of ``names`` that states one, for a comparison of their
+    latency to say so (a name that no longer resolves, e.g. an uninstalled plug-in, has none)."""
+    found = {}
+    for name in dict.fromkeys(names):
+        try:
+            text = get_method(name).advantage
+        except ValueError:
+            continue
+        if text:
+            found[name] = text
+    return found
 
 
 def list_methods() -> list[Method]:

@@ -97,11 +97,19 @@ _QUERYABLE = {"r": 8, "alpha": 16, "num_atoms": 16, "top_k": 4, "num_blocks": 4,
 _INSTR = {**_QUERYABLE, "tau_lang": 1.0, "lambda_ctx": 1.0}
 
 
+_QUERYABLE_ADVANTAGE = (
+    "its layers run one GEMM for the A of a unit's Q, K and V (which also gives the router its "
+    "state) and add B's GEMM into the base output in place, where PEFT's LoRA layers run two "
+    "GEMMs, a scale and an add per projection: part of its latency against PEFT's methods is "
+    "this implementation, not the method (`qlsearch profile` counts each method's kernels)")
+
+
 def _queryable_entry(name: str, defaults: dict, summary: str, instruction: bool = False) -> Method:
     from qlsearch.adapters.queryable.config import QueryableConfig
 
     return Method(name, _queryable(defaults), summary, defaults, "Yes", instruction,
-                  specs=knob_specs(QueryableConfig), rules=QueryableConfig.RULES)
+                  specs=knob_specs(QueryableConfig), rules=QueryableConfig.RULES,
+                  advantage=_QUERYABLE_ADVANTAGE)
 
 
 register(_queryable_entry("queryable", _QUERYABLE, "Queryable LoRA: routed r x r operator from a shared atom bank"))

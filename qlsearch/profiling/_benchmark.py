@@ -5,18 +5,20 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from qlsearch.adapters._precision import inference_form
 from qlsearch.profiling._flops import count_flops
+from qlsearch.profiling._kernels import count_kernels
 from qlsearch.profiling._machine import machine_info
 from qlsearch.profiling._settings import FROZEN, REFERENCE, ProfileSettings
 from qlsearch.profiling._subjects import (
     Subject,
+    backward_call,
     build_base,
     build_subjects,
     count_parameters,
@@ -112,6 +114,12 @@ class MethodProfile:
     flops: int | None = None  # one forward; see qlsearch/profiling/_flops.py for what counts
     flops_ratio: float | None = None
     flops_ratio_frozen: float | None = None
+    #: kernels launched by one eager forward (inference form) and one training step's forward
+    #: and backward (training form); see qlsearch/profiling/_kernels.py for what counts
+    kernels: int | None = None
+    kernels_ratio: float | None = None
+    train_kernels: int | None = None
+    train_kernels_ratio: float | None = None
     peak_memory_ratio: float | None = None  # to LoRA's (CUDA only)
 
 
@@ -159,17 +167,41 @@ def _measure_decode(subjects: list[Subject], inputs: dict, settings: ProfileSett
     return out
 
 
-def _measure_train(subjects: list[Subject], inputs: dict, phases: _Phases) -> dict[str, list[float]]:
-    trained = [s for s in subjects if s.trainable]  # the frozen and the merged model have nothing to train
+@contextlib.contextmanager
+def _training(subjects: list[Subject]) -> Iterator[list[Subject]]:
+    """The subjects with something to train (not the frozen or the merged model), in train
+    mode; back in eval mode, gradients dropped, afterwards."""
+    trained = [s for s in subjects if s.trainable]
     for s in trained:
         s.model.train()
     try:
-        calls = {s.name: train_call(s, inputs) for s in trained}
-        return phases.time(calls, "train")
+        yield trained
     finally:
         for s in trained:
             s.model.zero_grad(set_to_none=True)
             s.model.eval()
+
+
+def _measure_train(subjects: list[Subject], inputs: dict, phases: _Phases) -> dict[str, list[float]]:
+    with _training(subjects) as trained:
+        return phases.time({s.name: train_call(s, inputs) for s in trained}, "train")
+
+
+def _eager(subject: Subject) -> Subject:
+    return replace(subject, runner=subject.model)
+
+
+def _count_train_kernels(subjects: list[Subject], inputs: dict) -> dict[str, int]:
+    """Kernels of one eager training step's forward and backward, after one uncounted step
+    (state made lazily is made at the first), from no gradients, as ``train_call`` runs it."""
+    with _training(subjects) as trained:
+        counts = {}
+        for s in trained:
+            step = backward_call(_eager(s), inputs)
+            step()
+            s.model.zero_grad(set_to_none=True)
+            counts[s.name] = count_kernels(step)
+        return counts
 
 
 @contextlib.contextmanager
@@ -242,10 +274,14 @@ def _profile(settings: ProfileSettings, progress: Callable[[str], None] | None) 
             forward = phases.time({s.name: forward_call(s, inputs) for s in subjects}, "forward")
             decodes = settings.runs("decode") and not settings.synthetic  # backbones do not generate
             decode = _measure_decode(subjects, inputs, settings, phases) if decodes else {}
-            flops = {s.name: _count_flops(s, inputs) for s in subjects} if settings.runs("flops") else {}
+            flops, kernels = {}, {}
+            if settings.runs("flops"):
+                flops = {s.name: _count_flops(s, inputs) for s in subjects}
+                kernels = {s.name: count_kernels(forward_call(_eager(s), inputs)) for s in subjects}
             if settings.trace:
                 _write_traces(subjects, inputs, settings.trace)
         train = _measure_train(subjects, inputs, phases) if settings.runs("train") else {}
+        train_kernels = _count_train_kernels(subjects, inputs) if settings.runs("flops") else {}
         peaks = ({s.name: cuda_peak_bytes(s, inputs, settings.runs("train")) for s in subjects}
                  if settings.device == "cuda" else {})
 
@@ -281,6 +317,10 @@ def _profile(settings: ProfileSettings, progress: Callable[[str], None] | None) 
             flops=flops.get(s.name),
             flops_ratio=_ratio(flops.get(s.name), flops.get(REFERENCE)),
             flops_ratio_frozen=_ratio(flops.get(s.name), flops.get(FROZEN)),
+            kernels=kernels.get(s.name),
+            kernels_ratio=_ratio(kernels.get(s.name), kernels.get(REFERENCE)),
+            train_kernels=train_kernels.get(s.name),
+            train_kernels_ratio=_ratio(train_kernels.get(s.name), train_kernels.get(REFERENCE)),
             peak_memory_ratio=_ratio(peaks.get(s.name), peaks.get(REFERENCE)),
         )
 
@@ -300,6 +340,8 @@ def _profile(settings: ProfileSettings, progress: Callable[[str], None] | None) 
         "decode_formula": "batch * (new_tokens - 1) / (t(generate new_tokens) - t(generate 1))",
         "flops": ("FlopCounterMode with eager attention, plus elementwise ops, reductions, softmax "
                   "and top-k it does not count (qlsearch/profiling/_flops.py)"),
+        "kernels": ("ops that launch a kernel, eager, on this device: one forward in the inference form; "
+                    "one training step's forward and backward, no optimizer (qlsearch/profiling/_kernels.py)"),
         "peak_memory": _PEAK_MEMORY if settings.device == "cuda" else _NO_PEAK_MEMORY,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "seconds": round(time.time() - started, 1),

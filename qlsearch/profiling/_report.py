@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from qlsearch.adapters import advantages
 from qlsearch.profiling._benchmark import MethodProfile, ProfileResult
 from qlsearch.profiling._machine import machine_tag
 from qlsearch.profiling._settings import SYNTHETIC_MODELS
 
 _HEADERS = ("method", "form", "weights/compute", "forward ms [min-max]", "overhead ms", "fwd x LoRA",
             "fwd x frozen", "prefill ms", "decode tok/s", "dec x LoRA", "dec x frozen", "train ms",
-            "train x LoRA", "GFLOPs", "FLOPs x LoRA", "FLOPs x frozen", "trainable", "total", "peak MiB",
-            "peak x LoRA")
+            "train x LoRA", "GFLOPs", "FLOPs x LoRA", "FLOPs x frozen", "kernels fwd", "kern x LoRA",
+            "kernels train", "kern train x LoRA", "trainable", "total", "peak MiB", "peak x LoRA")
 
 
 def _num(value: float | None, digits: int = 2) -> str:
@@ -43,6 +44,10 @@ def _row(name: str, m: MethodProfile) -> list[str]:
         "-" if m.flops is None else f"{m.flops / 1e9:,.3f}",
         _num(m.flops_ratio, 4),
         _num(m.flops_ratio_frozen, 4),
+        "-" if m.kernels is None else f"{m.kernels:,}",
+        _num(m.kernels_ratio, 3),
+        "-" if m.train_kernels is None else f"{m.train_kernels:,}",
+        _num(m.train_kernels_ratio, 3),
         f"{m.trainable_params:,}",
         f"{m.total_params:,}",
         "-" if m.peak_memory_bytes is None else f"{m.peak_memory_bytes / 2**20:,.1f}",
@@ -83,7 +88,9 @@ def format_markdown(result: ProfileResult) -> str:
     lines = [f"**{_caption(result)}**", "", "| " + " | ".join(_HEADERS) + " |",
              "|" + "|".join(["---"] + ["---:"] * (len(_HEADERS) - 1)) + "|"]
     lines += ["| " + " | ".join(_row(name, m)) + " |" for name, m in result.methods.items()]
-    lines += ["", f"Peak memory: {result.settings['peak_memory']}.",
+    lines += [""] + [f"Implementation, {name}: {text}." for name, text in
+                     advantages(n.partition("@")[0] for n in result.methods).items()]
+    lines += [f"Peak memory: {result.settings['peak_memory']}.",
               f"Timer: {result.settings['timer']}. Ratios are to PEFT LoRA, overhead to the frozen model, "
               "measured in the same process."]
     return "\n".join(lines) + "\n"

@@ -18,7 +18,7 @@ SYNTHETIC_MODELS = ("mlp", "transformer")
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")
 #: Phases that can be left out; the forward pass is always measured (the ratios need it).
-SKIPPABLE = ("decode", "train", "flops")
+SKIPPABLE = ("decode", "train", "flops")  # flops: the FLOP and the kernel counts
 #: The untouched base model, measured beside the adapters so overheads are absolute too.
 FROZEN = "frozen"
 #: Ratios are to PEFT LoRA measured in the same process (DESIGN.md, "Profiling"), under the

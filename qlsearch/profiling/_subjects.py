@@ -180,17 +180,28 @@ def generate_call(subject: Subject, inputs: dict[str, Tensor], kwargs: dict) -> 
     return call
 
 
-def train_call(subject: Subject, inputs: dict[str, Tensor]) -> Callable[[], None]:
-    """One training step: causal-LM loss (a synthetic backbone: the mean square of its output,
-    a regression loss against target 0) plus the method's auxiliary terms, backward, AdamW."""
-    optimizer = torch.optim.AdamW(subject.trainable, lr=1e-4)
+def backward_call(subject: Subject, inputs: dict[str, Tensor]) -> Callable[[], None]:
+    """A training step's forward and backward: causal-LM loss (a synthetic backbone: the mean
+    square of its output, a regression loss against target 0) plus the method's auxiliary
+    terms, backward."""
     labels = {"labels": inputs["input_ids"]} if "input_ids" in inputs else {}
 
     def call() -> None:
-        optimizer.zero_grad(set_to_none=True)
         out = subject.runner(**inputs, **labels, **subject.extra)
         loss = out.loss if labels else out.float().square().mean()
         (loss + auxiliary_loss(subject.model)).backward()
+
+    return call
+
+
+def train_call(subject: Subject, inputs: dict[str, Tensor]) -> Callable[[], None]:
+    """One training step: ``backward_call``'s forward and backward, then AdamW."""
+    optimizer = torch.optim.AdamW(subject.trainable, lr=1e-4)
+    backward = backward_call(subject, inputs)
+
+    def call() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        backward()
         optimizer.step()
 
     return call

@@ -42,9 +42,21 @@ def _budget(data: StudyData) -> str:
     return "; ".join(parts) or "no trials"
 
 
+def _implementation(data: StudyData) -> str:
+    """Where the study times latency, what a method's implementation does that its rivals'
+    do not (``Method.advantage``): a latency comparison must say so."""
+    from qlsearch.adapters import advantages
+
+    methods = {t.method for t in data.trials if t.method}
+    if not data.study.profile or len(methods) < 2:  # no latency, or none to compare it with
+        return ""
+    return "; ".join(f"{name}: {text}" for name, text in advantages(sorted(methods)).items())
+
+
 def coverage_rows(data: StudyData) -> list[tuple[str, str]]:
     """Header rows: ``coverage``, ``budget per method``, ``seeds``; ``budget cap`` and
-    ``resources`` when the budget was capped or the trials fell back to CPU."""
+    ``resources`` when the budget was capped or the trials fell back to CPU, and
+    ``implementation`` when a method timed beside others has an advantage to state."""
     seeds = data.study.seeds
     seed_note = ("one seed: no spread over seeds is known, so the only error bars are spreads a record "
                  "keeps itself (a latency's timing repeats)" if len(seeds) == 1 else
@@ -56,4 +68,5 @@ def coverage_rows(data: StudyData) -> list[tuple[str, str]]:
     ]
     cap = data.study.budget().note  # "budget 10**12 capped at 12 distinct configurations ..."
     fallback = data.user_attrs.get("cpu_fallback")  # GPUs asked, Ray saw none, ran on CPU
-    return rows + [(what, text) for what, text in (("budget cap", cap), ("resources", fallback)) if text]
+    return rows + [(what, text) for what, text in (("budget cap", cap), ("resources", fallback),
+                                                    ("implementation", _implementation(data))) if text]

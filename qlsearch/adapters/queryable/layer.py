@@ -1,12 +1,14 @@
 """The adapted linear: ``y = W0 x + (alpha/r) B (s + g S_b s)``, ``s = A dropout(x)``.
 
-The forward is a handful of tensor ops (DESIGN.md, "Where the time goes"): the
-route ``S_b`` is computed once per block (by the block's first state projection), and
-so is every projection's mixer ``(I + g S_b)^T`` while ``g`` trains; the inference
-form, whose ``g`` is a fixed number, applies ``I + g S_b`` as one ``baddbmm`` on ``S_b``
-itself and makes no mixers. While decoding,
-the route is held, so ``(alpha/r)(I + g S_b) A`` is folded once per route into a
-per-example factor and each step costs one batched matmul, as LoRA's does.
+The forward is a handful of tensor ops (DESIGN.md, "Where the time goes"), as few as
+PEFT LoRA's: the route ``S_b`` is computed once per block (by the block's first state
+projection), and so is every projection's mixer ``(alpha/r)(I + g S_b)^T`` while ``g``
+trains; the inference form, whose ``g`` is a fixed number, applies it as one ``baddbmm``
+on ``S_b`` itself and makes no mixers. A unit's Q, K and V share one GEMM for their ``A``
+(which also gives the unit state), and ``B``'s GEMM accumulates into the base output.
+While decoding, the route is held, so ``(alpha/r)(I + g S_b) A`` is folded once per route
+into a per-example factor and each step costs one batched matmul, as LoRA's does.
+``qlsearch profile`` counts the kernels (``qlsearch/profiling/_kernels.py``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qlsearch.adapters.queryable.router import AtomRouter, Route
@@ -27,9 +28,10 @@ class QueryableLinear(nn.Module):
     gate logit ``eta`` is entry ``index`` of the router's ``gate_logits``.
 
     Placement in the model is set by ``QueryableModel``: ``unit``, ``block``, ``index``
-    and ``slot`` (its position among the block's projections), and on the first state
-    projection of each unit, ``state_layers`` (the unit's Q, K, V projections, whose
-    mean state is the unit state).
+    and ``slot`` (its position among the block's projections); ``state_slot``, its position
+    among its unit's state projections (Q, K, V; -1: not one), and on the first of them,
+    ``state_layers`` (those projections, whose mean state is the unit state) and
+    ``records_state`` (whether some route reads the unit state).
     """
 
     def __init__(self, base_layer: nn.Linear, r: int, scaling: float, dropout: float):
@@ -49,11 +51,13 @@ class QueryableLinear(nn.Module):
         self.slot = 0
         self.is_entry = False
         self._shared: tuple[AtomRouter, RoutingState] | None = None  # a tuple: not a submodule
+        self.state_slot = -1
         self.state_layers: tuple[QueryableLinear, ...] = ()
+        self.records_state = False
         self._folded: Tensor | None = None
         self._folded_for: object = None  # the Route the folded factor was made from
         self.fixed: Operands | None = None  # the inference form's operands (QueryableModel.fold)
-        self._plain_base = type(base_layer) is nn.Linear  # see _base
+        self._plain_base = type(base_layer) is nn.Linear  # see _plus_base
 
     @property
     def gate(self) -> Tensor:
@@ -62,90 +66,117 @@ class QueryableLinear(nn.Module):
 
     def operands(self, gate: float | None = None) -> Operands:
         """The tensors the forward reads, each read once (``Operands``). ``gate`` is ``g`` as a
-        number, for the inference form, which keeps these for all its forwards."""
+        number, for the inference form, which keeps these for all its forwards. Per forward,
+        a state projection of a unit of several leaves ``A^T`` to its unit's stacked GEMM
+        (``_down``; read where it is needed after all)."""
         base = self.base_layer
         weight, bias = (base.weight, base.bias) if self._plain_base else (None, None)
-        state_A = None
-        if gate is not None and self.state_layers:
-            state_A = torch.cat([layer.lora_A for layer in self.state_layers])
-        return Operands(self.lora_A.t(), self.lora_B.t(), weight, None if weight is None else weight.t(),
-                        bias, gate, state_A)
+        stacked = len(self.state_layers) > 1 or self.state_slot > 0
+        A_t = self.lora_A.t() if gate is not None or not stacked else None
+        state_A_t = None
+        if len(self.state_layers) > 1:
+            state_A_t = torch.cat([layer.lora_A for layer in self.state_layers]).t()
+        elif self.state_layers:
+            state_A_t = A_t
+        return Operands(A_t, self.lora_B.t(), weight, None if weight is None else weight.t(), bias, gate, state_A_t)
 
     def forward(self, x: Tensor) -> Tensor:
         router, state = self._shared
         if state.hold and state.fold and not self.training:
             return self._forward_folded(x, state)
         ops = self.fixed if self.fixed is not None and not self.training else self.operands()
-        flat = x.dim() == 2  # one row per example (a plain MLP): 2-D GEMMs, no reshapes
-        h = self.dropout(x) if self.dropout_p else x
-        s = torch.mm(h, ops.A_t) if flat else h @ ops.A_t
-        if self.state_layers and not state.hold:
-            self._record_unit_state(x, s, router, state, ops.state_A)
+        flat = x.dim() == 2  # one row per example (a plain MLP)
+        rows = x if flat else x.reshape(-1, x.shape[-1])  # x's rows as one matrix: 2-D GEMMs
+        s = self._down(x, rows, ops, router, state)
         route = state.routes.get(self.block)
         if route is None:
             raise RuntimeError(
                 f"block {self.block} has no route: its entry projection must run before the "
                 "block's other adapted projections (is the model's forward order unusual?)"
             )
-        y = self._base(x, ops, flat)
-        if flat:  # the B GEMM adds onto the base output
-            s = s.unsqueeze(1)
-            return torch.addmm(y, self._mix(s, route, ops.gate).squeeze(1), ops.B_t, alpha=self.scaling)
-        if s.dim() == 3:
-            t = self._mix(s, route, ops.gate)
-        else:  # (batch, ..., r): one example per leading row
-            t = self._mix(s.reshape(route.operator_t.shape[0], -1, self.r), route, ops.gate).view_as(s)
-        return torch.add(y, t @ ops.B_t, alpha=self.scaling)
+        # one route per leading row of x: (examples, rows of each, r)
+        t = self._mix(s.view(route.operator_t.shape[0], -1, self.r), route, ops.gate)
+        y = self._plus_base(x, rows, t.view(-1, self.r), ops)
+        return y if flat else y.view(*x.shape[:-1], -1)
 
-    def _base(self, x: Tensor, ops: Operands, flat: bool) -> Tensor:
-        """``W0 x + b``: a plain ``nn.Linear`` as its GEMM on the operands (the module call costs
-        as much as the op on a small layer; hooks on the base layer itself do not fire), any
-        other base (e.g. a quantized one) as a module."""
+    def _A_t(self, ops: Operands) -> Tensor:
+        return self.lora_A.t() if ops.A_t is None else ops.A_t
+
+    def _down(self, x: Tensor, rows: Tensor, ops: Operands, router: AtomRouter, state: RoutingState) -> Tensor:
+        """``s = A dropout(x)`` as (rows, r); on its unit's first state projection, also the unit
+        state (eq. 15-16: the mean over Q, K, V of the token-averaged ``A^p x``).
+
+        The state is read without dropout: routing sees the input itself, so the train-time
+        route matches the eval-time one. Where no dropout is in play, the unit's state
+        projections see one ``x`` (an attention's Q, K and V), so the first of them makes
+        every one's ``s`` with one GEMM on their stacked ``A`` and takes the state off those
+        (the token average commutes with ``A``), and the others take their slice: per unit,
+        one GEMM where there were four, and a backward to match. A state projection that
+        sees another ``x`` than the first (an unusual model) makes its own.
+        """
+        if self.state_slot > 0:
+            made = state.unit_downs.get(self.unit)
+            if made is not None and made[0] is x:
+                if self.state_slot == len(made[1]) - 1:  # the last reader: x need not live on
+                    del state.unit_downs[self.unit]
+                return made[1][self.state_slot]
+        if self.dropout_p and self.training:  # each projection its own dropout mask: no shared GEMM
+            s = torch.mm(self.dropout(rows), self._A_t(ops))
+            if self.records_state and not state.hold:
+                self._record_unit_state(torch.mm(state.token_mean(x), ops.state_A_t), router, state)
+            return s
+        if not self.state_layers:
+            return torch.mm(rows, self._A_t(ops))
+        stacked = torch.mm(rows, ops.state_A_t)  # (rows, P r)
+        if self.records_state and not state.hold:
+            self._record_unit_state(state.token_mean(stacked if x.dim() == 2 else stacked.view(*x.shape[:-1], -1)),
+                                    router, state)
+        if len(self.state_layers) == 1:
+            return stacked
+        parts = stacked.split(self.r, dim=-1)
+        state.unit_downs[self.unit] = (x, parts)
+        return parts[0]
+
+    def _record_unit_state(self, means: Tensor, router: AtomRouter, state: RoutingState) -> None:
+        """The unit state from its projections' token-averaged ``A^p x`` side by side
+        (batch, P r); routes the block if this unit is its entry."""
+        p = len(self.state_layers)
+        state.unit_states[self.unit] = means if p == 1 else means.view(-1, p, self.r).mean(1)
+        if self.is_entry:
+            state.route_block(router, self.block, state.unit_states[self.unit])
+
+    def _plus_base(self, x: Tensor, rows: Tensor, t: Tensor, ops: Operands) -> Tensor:
+        """``W0 x + b + t B^T`` for ``rows``, x as one 2-D matrix, and ``t`` of (rows, r); returns
+        (rows, d_out). A plain ``nn.Linear`` base runs as its GEMM on the operands (the module
+        call costs as much as the op on a small layer; hooks on the base layer itself do not
+        fire), and the B GEMM accumulates into that output in place: one GEMM where a GEMM
+        and an add were two launches (nothing saved the output for backward; it is ours to
+        write). Any other base (e.g. a quantized one) is called as a module on ``x``."""
         if ops.weight is None:
-            return self.base_layer(x)
-        if flat and ops.bias is not None:
-            return torch.addmm(ops.bias, x, ops.weight_t)
-        return F.linear(x, ops.weight, ops.bias)
+            return self.base_layer(x).reshape(rows.shape[0], -1) + t @ ops.B_t
+        y = torch.mm(rows, ops.weight_t) if ops.bias is None else torch.addmm(ops.bias, rows, ops.weight_t)
+        if y.dtype != ops.B_t.dtype:  # under autocast, which casts out-of-place ops only
+            return torch.addmm(y, t, ops.B_t)
+        return y.addmm_(t, ops.B_t)
 
     def _mix(self, s: Tensor, route: Route, gate: float | None) -> Tensor:
-        """``s (I + g S_b)^T`` for ``s`` of (batch, n, r): one ``bmm`` by the route's mixer, or,
-        with ``g`` a fixed number (the inference form), one ``baddbmm`` ``s + g s S_b^T``,
-        so that no mixer is made at all."""
+        """``(alpha/r) s (I + g S_b)^T`` for ``s`` of (batch, n, r): one ``bmm`` by the route's
+        mixer (which carries ``alpha/r``), or, with ``g`` a fixed number (the inference form),
+        one ``baddbmm`` ``(alpha/r) s + (alpha/r) g s S_b^T``, so that no mixer is made at all."""
         if gate is None:
             return torch.bmm(s, route.mixers_t[self.slot])
-        return torch.baddbmm(s, s, route.operator_t, alpha=gate)
-
-    def _record_unit_state(self, x: Tensor, s: Tensor, router: AtomRouter, state: RoutingState,
-                           state_A: Tensor | None) -> None:
-        """Unit state: mean over the unit's Q, K, V of the token-averaged ``A^p x`` (eq. 15-16).
-
-        The token average commutes with ``A``, so it is taken once on ``x``.
-        The state is read without dropout: routing sees the input itself, so the
-        train-time route matches the eval-time one. A unit of one projection (a plain
-        MLP's linear) whose ``s = A x`` saw no dropout reads its state off ``s``: the
-        router's work per unit is then at most one token average, not four ops.
-        ``state_A`` stacks the unit's ``A^p`` (None: stacked here).
-        """
-        if len(self.state_layers) == 1 and not (self.dropout_p and self.training):
-            s = state.token_mean(s)
-        else:
-            A = torch.cat([layer.lora_A for layer in self.state_layers]) if state_A is None else state_A
-            s = F.linear(state.token_mean(x), A).unflatten(-1, (len(self.state_layers), self.r)).mean(-2)
-        state.unit_states[self.unit] = s
-        if self.is_entry:
-            state.route_block(router, self.block, s)
+        return torch.baddbmm(s, s, route.operator_t, beta=self.scaling, alpha=self.scaling * gate)
 
     def _forward_folded(self, x: Tensor, state: RoutingState) -> Tensor:
         route = state.routes[self.block]
         ops = self.fixed or self.operands()
         if self._folded_for is not route:  # a new route (a new generate call): fold it once
-            mixer = route.mixers_t[self.slot].transpose(1, 2)  # I + g S_b
-            self._folded = self.scaling * (mixer @ ops.A_t.t())  # (batch, r, d_in)
+            mixer = route.mixers_t[self.slot].transpose(1, 2)  # (alpha/r)(I + g S_b)
+            self._folded = mixer @ self._A_t(ops).t()  # (batch, r, d_in)
             self._folded_for = route
         folded = self._folded
-        x3 = x.reshape(folded.shape[0], -1, x.shape[-1])
-        update = torch.bmm(x3, folded.transpose(1, 2)) @ ops.B_t
-        return self._base(x, ops, False) + update.view(*x.shape[:-1], -1)
+        t = torch.bmm(x.reshape(folded.shape[0], -1, x.shape[-1]), folded.transpose(1, 2))
+        return self._plus_base(x, x.reshape(-1, x.shape[-1]), t.view(-1, self.r), ops).view(*x.shape[:-1], -1)
 
 
 class Operands(NamedTuple):
@@ -155,10 +186,10 @@ class Operands(NamedTuple):
     forward did half a dozen of each. Made per forward (``operands()``), or once by the
     inference form (``QueryableModel.fold``), which also turns ``g`` into a number."""
 
-    A_t: Tensor  # A^T, (d_in, r)
+    A_t: Tensor | None  # A^T, (d_in, r); None: made by the unit's stacked GEMM (see operands)
     B_t: Tensor  # B^T, (r, d_out)
     weight: Tensor | None  # W0 of a plain nn.Linear base (any other base is called as a module)
     weight_t: Tensor | None  # W0^T: a 2-D input's base GEMM is one addmm on it
     bias: Tensor | None
     gate: float | None  # g as a number (the inference form); None: the route's mixers carry it
-    state_A: Tensor | None  # the unit's A^p stacked, on its first state projection (inference form)
+    state_A_t: Tensor | None  # the unit's A^p stacked, transposed (d_in, P r), on its first state projection

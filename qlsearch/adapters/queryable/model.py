@@ -137,9 +137,11 @@ class QueryableModel(AdapterModel):
                     if name.rsplit(".", 1)[-1] in config.state_modules
                 ] or layers[:1]
                 entry = blocks[block_of[unit]][0] == unit
+                for slot, layer in enumerate(state_layers):
+                    layer.state_slot = slot
+                state_layers[0].state_layers = tuple(state_layers)
                 # States feed routes of later blocks: the last block needs only its entry's.
-                if entry or block_of[unit] < len(blocks) - 1:
-                    state_layers[0].state_layers = tuple(state_layers)
+                state_layers[0].records_state = entry or block_of[unit] < len(blocks) - 1
                 state_layers[0].is_entry = entry
         self._call = _Call()
         #: Merge the update into the weights while decoding one prompt (False: fold per example).
@@ -235,15 +237,15 @@ class QueryableModel(AdapterModel):
         ``addmm``, which reads ``W0`` and writes the new weight once (the least traffic a
         merge can have; stacking the weights for one batched GEMM would copy them twice).
         Everything that does not depend on the route or the weights' values (the groups,
-        their scales, where each projection sits) is made at the first merge (on the 24-layer
+        where each projection sits) is made at the first merge (on the 24-layer
         launch-bound config, a merge went from 12-15 ms to 9-10 ms, most of it the ``addmm``s)."""
         ref = self.router.atom_keys
         if self._merge_groups is None or self._merge_groups[0] != (ref.device, ref.dtype):
             self._merge_groups = ((ref.device, ref.dtype), self._merge_plan(ref.device))
         rows = torch.cat([self.state.routes[b].mixer_stack[:, 0] for b in range(len(self.state.blocks))])
-        for index, scale, places in self._merge_groups[1]:
+        for index, places in self._merge_groups[1]:
             A = torch.stack([layer.lora_A for _, _, layer, _ in places])
-            folded = torch.bmm(rows.index_select(0, index).transpose(1, 2).to(A.dtype) * scale.to(A.dtype), A)
+            folded = torch.bmm(rows.index_select(0, index).transpose(1, 2).to(A.dtype), A)  # the rows carry alpha/r
             for (modules, child, layer, merged), factor in zip(places, folded.unbind(0), strict=True):
                 w = layer.base_layer.weight
                 B = layer.lora_B
@@ -253,18 +255,17 @@ class QueryableModel(AdapterModel):
                 modules[child] = merged  # nn.Module's own registry: no __setattr__ checks
                 self._merged.append((modules, child, layer))
 
-    def _merge_plan(self, device: torch.device) -> list[tuple[Tensor, Tensor, list]]:
+    def _merge_plan(self, device: torch.device) -> list[tuple[Tensor, list]]:
         """Per group of projections with one ``A`` shape: their gate indices (rows of the
-        routes' stacked mixers), their ``alpha/r`` (P x 1 x 1), and where each sits
-        (its parent's module registry, its name, the layer, the stand-in ``_MergedLinear``)."""
+        routes' stacked mixers), and where each sits (its parent's module registry, its
+        name, the layer, the stand-in ``_MergedLinear``)."""
         groups: dict[tuple, list] = {}
         for name, layer in zip(self.adapted, self.adapted_layers(), strict=True):
             parent, _, child = name.rpartition(".")
             place = (self.base_model.get_submodule(parent)._modules, child, layer, _MergedLinear(layer.base_layer))
             groups.setdefault(tuple(layer.lora_A.shape), []).append(place)
-        return [(torch.tensor([layer.index for _, _, layer, _ in places], device=device),
-                 torch.tensor([layer.scaling for _, _, layer, _ in places], device=device).view(-1, 1, 1),
-                 places) for places in groups.values()]
+        return [(torch.tensor([layer.index for _, _, layer, _ in places], device=device), places)
+                for places in groups.values()]
 
     def _restore_updates(self) -> None:
         """Put the adapted projections back (``W0`` was never written: exact, bit for bit)."""

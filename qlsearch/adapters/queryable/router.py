@@ -74,12 +74,12 @@ class Route:
 
     @property
     def mixer_stack(self) -> Tensor:
-        """``(I + g_p S_b)^T`` (projections, batch, r, r) for the block's projections, in forward
-        order: made once per block at the first read, so each projection's routed update
-        ``s (I + g_p S_b)^T`` is one ``bmm`` (whose backward is one op shorter than
-        ``s + s (g_p S_b)^T``'s). The inference form (gates fixed) never reads them.
-        In bf16 the diagonal ``1 + g S_ii`` rounds to bf16's spacing near 1, an error of
-        the size of the rounding of the result ``t`` itself."""
+        """``(alpha/r)(I + g_p S_b)^T`` (projections, batch, r, r) for the block's projections, in
+        forward order: made once per block at the first read, so each projection's scaled
+        routed update ``(alpha/r) s (I + g_p S_b)^T`` is one ``bmm`` (whose backward is one op
+        shorter than ``s + s (g_p S_b)^T``'s). The inference form (gates fixed) never reads them.
+        In bf16 the diagonal ``(alpha/r)(1 + g S_ii)`` rounds to bf16's spacing near
+        ``alpha/r``, an error of the size of the rounding of the result ``t`` itself."""
         if self._mixer_stack is None:
             self._mixer_stack = self.make_mixers()
             self._mixers_t = self._mixer_stack.unbind(0)
@@ -111,7 +111,7 @@ class RouteConstants:
     query_dep: Tensor | None  # Q_dep, (d_k, r)
     depth_query: Tensor | None  # Q_dep,q, (d_k, d_k)
     depth_key: Tensor | None  # Q_dep,k, (d_k, r)
-    eye_flat: Tensor | None = None  # I_r repeated per example, (1, batch*r*r): made at the first route
+    eye_flat: Tensor | None = None  # (alpha/r) I_r repeated per example, (1, batch*r*r): made at the first route
 
 
 class AtomRouter(nn.Module):
@@ -242,16 +242,20 @@ class AtomRouter(nn.Module):
                      functools.partial(self.mixers_t, block, operator, const))
 
     def mixers_t(self, block: int, operator: Tensor, constants: RouteConstants | None = None) -> Tensor:
-        """``(I + g_p S_b)^T`` stacked for the projections ``p`` of ``block`` (P x batch x r x r): one outer product of the
-        gates with the flattened ``S_b^T`` added to the identity (one ``addcmul`` on 2-D
-        operands: faster on CPU than a rank-1 ``addmm``, and than a broadcast over four dimensions)."""
-        r = self.config.r
+        """``(alpha/r)(I + g_p S_b)^T`` stacked for the projections ``p`` of ``block``
+        (P x batch x r x r): one outer product of the gates with the flattened ``S_b^T`` added
+        to the scaled identity (one ``addcmul`` on 2-D operands: faster on CPU than a rank-1
+        ``addmm``, and than a broadcast over four dimensions). The LoRA scale ``alpha/r``
+        rides on the mixer, so the adapted layers never multiply by it (a launch per layer,
+        forward and backward, where the mixer takes it once per block)."""
+        c = self.config
         const = self.constants() if constants is None else constants
         eye = const.eye_flat
-        if eye is None or eye.shape[1] != operator.shape[0] * r * r or eye.dtype != operator.dtype:
-            eye = torch.eye(r, device=operator.device, dtype=operator.dtype).reshape(1, -1).repeat(1, operator.shape[0])
+        if eye is None or eye.shape[1] != operator.shape[0] * c.r * c.r or eye.dtype != operator.dtype:
+            eye = torch.eye(c.r, device=operator.device, dtype=operator.dtype).mul_(c.scaling)
+            eye = eye.reshape(1, -1).repeat(1, operator.shape[0])
             const.eye_flat = eye
         flat_t = operator.transpose(1, 2).reshape(1, -1)  # (1, batch r r); a view of S_b^T
         gates = const.gates[self.gate_slices[block]].to(flat_t.dtype)
-        mixers = torch.addcmul(eye, gates, flat_t)
+        mixers = torch.addcmul(eye, gates, flat_t, value=c.scaling)
         return mixers.view(-1, *operator.shape)

@@ -25,6 +25,9 @@ class RoutingState:
     log_prior: Tensor | None = None  # log p(c), (batch, M); the same for every block
     constants: RouteConstants | None = None  # what every block's route reads, made once per forward
     unit_states: dict[int, Tensor] = field(default_factory=dict)  # unit -> (batch, r)
+    #: unit -> (x, each state projection's s = A^p x): made by the unit's first state projection
+    #: in one GEMM, read by the others (QueryableLinear._down)
+    unit_downs: dict[int, tuple[Tensor, tuple[Tensor, ...]]] = field(default_factory=dict)
     block_means: dict[int, Tensor] = field(default_factory=dict)  # block -> sbar_b
     routes: dict[int, Route] = field(default_factory=dict)
     #: True while the routes are held fixed (decoding after prefill).
@@ -45,7 +48,7 @@ class RoutingState:
         if instruction is not None and router.config.tau_lang != 0:
             self.log_prior = router.language_log_prior(instruction, self.constants.keys)
         # fresh dicts, not clear(): a compiled forward then never guards on the last one's keys
-        self.unit_states, self.block_means, self.routes = {}, {}, {}
+        self.unit_states, self.unit_downs, self.block_means, self.routes = {}, {}, {}, {}
         self.hold = False
 
     def route_block(self, router: AtomRouter, block: int, entry_state: Tensor) -> None:
