@@ -12,6 +12,12 @@
 #
 #   benchmarks/gpu-check.sh [--out DIR]            on the GPU machine, from the repository root
 #   benchmarks/gpu-check.sh --dry-run [--out DIR]  the same steps on CPU at toy sizes (CI runs it)
+#   benchmarks/gpu-check.sh --targets [--dry-run] [--out DIR]
+#                                                  instead, what the check leaves out (a second
+#                                                  call, up to 10 minutes): at batch 8 x 512, the
+#                                                  forward, training step and peak memory of LoRA and
+#                                                  queryable, then their forward compiled (with the
+#                                                  seconds compiling takes); targets-*.json/.md
 #   benchmarks/gpu-check.sh --wheels [DIR]         on a machine with a package index: the wheels
 #                                                  the GPU machine lacks, into DIR (default .whl)
 #
@@ -35,10 +41,12 @@ typing-inspection typing-extensions"
 PYTHON="${PYTHON:-python3}"
 WHEELS="${WHEELS:-.whl}"
 DRY=0
+TARGETS=0
 OUT=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --dry-run) DRY=1 ;;
+        --targets) TARGETS=1 ;;
         --out) OUT="$2"; shift ;;
         --wheels)
             dir="${2:-.whl}"
@@ -57,7 +65,7 @@ while [ $# -gt 0 ]; do
             ls -la "$dir"
             exit 0 ;;
         -h|--help) sed -n 2,30p "$0"; exit 0 ;;
-        *) echo "gpu-check.sh: unknown argument $1; allowed: --dry-run, --out DIR, --wheels [DIR]" >&2
+        *) echo "gpu-check.sh: unknown argument $1; allowed: --dry-run, --targets, --out DIR, --wheels [DIR]" >&2
            exit 2 ;;
     esac
     shift
@@ -75,7 +83,9 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 say() { echo "[gpu-check $(date +%H:%M:%S)] $*" | tee -a "$LOG" >&2; }
 
 # ---- what this machine lacks, from the carried wheels ---------------------------------------
-if ! "$PYTHON" -c "import optuna, ray.tune, datasets, transformers, peft" 2>/dev/null; then
+NEEDED="optuna, ray.tune, datasets, transformers, peft"
+[ "$TARGETS" = 1 ] && NEEDED="transformers, peft"  # --targets only profiles: no Optuna, Ray or datasets
+if ! "$PYTHON" -c "import $NEEDED" 2>/dev/null; then
     [ -d "$WHEELS" ] || { say "qlsearch's dependencies do not import and there is no $WHEELS/: run --wheels where pip works and carry it"; exit 1; }
     for first in "$WHEELS"/*.part-aa; do
         [ -e "$first" ] || continue
@@ -102,6 +112,7 @@ Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_lay
             bos_token_id=1, eos_token_id=2).save_pretrained(sys.argv[1])
 EOF
     PROFILE_SIZE=(--batch 1 --seq 8 --new-tokens 3 --repeats 1 --warmup 1 --threads 1)
+    TARGET_SIZE=(--batch 2 --seq 16 --repeats 1 --threads 1)
     EPOCHS=1 PRETRAIN_EPOCHS=1 SWEEP_CONCURRENT=2 TAG=dry-run
     # the same 0.25-GPU study on CPU: without a GPU it is refused unless it allows the fallback
     CPU_FALLBACK="cpu_fallback = true"
@@ -109,12 +120,48 @@ else
     DEVICE=cuda
     MODEL=benchmarks/configs/qwen2.5-0.5b
     PROFILE_SIZE=(--batch 1 --seq 128 --new-tokens 16 --repeats 8 --warmup 2)
+    TARGET_SIZE=(--batch 8 --seq 512 --repeats 8)
     EPOCHS=20 PRETRAIN_EPOCHS=60 SWEEP_CONCURRENT=4 TAG="" CPU_FALLBACK=""
     "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no GPU visible to torch'" 2>>"$LOG" ||
         { say "no GPU visible to torch $("$PYTHON" -c 'import torch; print(torch.__version__)'); use --dry-run on CPU"; exit 1; }
 fi
 METHODS=$("$PYTHON" -c "from qlsearch.adapters import list_methods; print(','.join(m.name for m in list_methods()))")
 say "torch $("$PYTHON" -c 'import torch; print(torch.__version__)'), device $DEVICE, methods $METHODS"
+
+# ---- --targets: batch 8 x 512 eager (memory), then compiled --------------------------------
+if [ "$TARGETS" = 1 ]; then
+    say "targets 1/2: batch 8 x 512 (toy: 2 x 16), eager: forward, training step, kernels, peak memory"
+    qlsearch profile --model "$MODEL" --methods lora,queryable,instr-queryable --device "$DEVICE" \
+        --dtype bfloat16 "${TARGET_SIZE[@]}" --warmup 2 --skip decode --out "$WORK/targets" \
+        --tag "targets-eager${TAG:+-$TAG}" 2>>"$LOG" | tee -a "$LOG"
+    say "targets 2/2: the same forward compiled (warm-up 2: the first call compiles, timed apart)"
+    qlsearch profile --model "$MODEL" --methods lora,queryable --device "$DEVICE" --dtype bfloat16 \
+        "${TARGET_SIZE[@]}" --warmup 2 --compile --skip decode,train,flops --out "$WORK/targets" \
+        --tag "targets-compiled${TAG:+-$TAG}" 2>>"$LOG" | tee -a "$LOG"
+    cp "$WORK"/targets/* "$OUT/"
+    "$PYTHON" - "$OUT" "$DEVICE" "$TAG" <<'EOF' 2>&1 | tee -a "$LOG"
+import json, sys
+out, device, tag = sys.argv[1:]
+suffix = f"-{tag}" if tag else ""
+eager = json.load(open(f"{out}/targets-eager{suffix}.json"))["methods"]
+compiled = json.load(open(f"{out}/targets-compiled{suffix}.json"))["methods"]
+for name in ("queryable", "instr-queryable"):
+    row = eager[name]
+    memory = row["peak_memory_ratio"]
+    assert memory is not None or device != "cuda", f"targets: {name} has no peak memory"
+    print(f"eager {name:16s} forward x LoRA {row['forward_ratio']:.3f} (<= 1.00)  train x LoRA "
+          f"{row['train_ratio']:.3f} (<= 1.05)  peak memory x LoRA {memory or float('nan'):.3f}  "
+          f"(kernels x LoRA: forward {row['kernels_ratio']:.3f}, train {row['train_kernels_ratio']:.3f})")
+for name in ("frozen", "lora", "queryable"):
+    row = compiled[name]
+    assert row["forward_compile_s"], f"targets: {name} has no compile time"
+    print(f"compiled {name:10s} forward over the compiled frozen model {100 * (row['forward_ratio_frozen'] - 1):+.1f} % "
+          f"(queryable: <= +25 %)  compiling {row['forward_compile_s']:.1f} s (<= 60 s)")
+print(f"gpu-check --targets ({device}): both profiles completed")
+EOF
+    say "done: results in $OUT"
+    exit 0
+fi
 
 # ---- 1. the profile: every method, every phase, bf16 ----------------------------------------
 say "1/3 profile $MODEL"

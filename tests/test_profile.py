@@ -17,6 +17,7 @@ from qlsearch.profiling import (
     FROZEN,
     MethodProfile,
     ProfileSettings,
+    format_markdown,
     machine_tag,
     profile_methods,
 )
@@ -180,6 +181,19 @@ def test_compiled_models_do_not_recompile_while_timed(qwen):
                                           skip=frozenset({"decode"}), **{**FAST, "warmup": 3}))
     assert out.settings["compiles_while_timing"] == 0
     assert out.settings["compiled_phases"] == ["forward", "train"]
+    # compiling is timed apart: each model's first forward (and training step) of the warm-up
+    for name, m in out.methods.items():
+        assert m.forward_compile_s > 0, name
+        if name in ("lora", "queryable"):  # the others have nothing to train
+            assert m.train_compile_s > 0, name
+        else:
+            assert m.train_compile_s is None, name
+    assert "Compiling, the first forward of each model (warm-up, not timed): frozen " in format_markdown(out)
+
+
+def test_compile_times_are_null_without_compiling(result):
+    assert all(m.forward_compile_s is None and m.train_compile_s is None for m in result.methods.values())
+    assert "Compiling" not in format_markdown(result)
 
 
 def test_an_in_place_gemm_counts_its_flops():
@@ -192,8 +206,6 @@ def test_an_in_place_gemm_counts_its_flops():
 
 
 def test_the_markdown_states_queryables_implementation_advantage(result):
-    from qlsearch.profiling import format_markdown
-
     text = format_markdown(result)
     assert "Implementation, queryable: its layers run one GEMM" in text
     assert "Implementation, instr-queryable:" in text and "Implementation, lora" not in text

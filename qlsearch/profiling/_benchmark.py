@@ -6,7 +6,7 @@ import contextlib
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -66,9 +66,13 @@ class _Phases:
     clock: Clock
     progress: Callable[[str], None] | None
     compiles_while_timing: int = 0
+    #: under --compile, per phase: each model's first warm-up call in seconds (its compilation)
+    compile_seconds: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def time(self, calls: dict, label: str) -> dict[str, list[float]]:
-        warm_up(calls, self.settings.warmup)
+        first = warm_up(calls, self.settings.warmup, self.clock if self.settings.compile else None)
+        if first:
+            self.compile_seconds[label] = first
         before = _compiled_graphs() if self.settings.compile else 0
         samples = timed_rounds(calls, self.clock, self.settings.repeats, self.progress, label)
         compiled = _compiled_graphs() - before if self.settings.compile else 0
@@ -121,6 +125,10 @@ class MethodProfile:
     train_kernels: int | None = None
     train_kernels_ratio: float | None = None
     peak_memory_ratio: float | None = None  # to LoRA's (CUDA only)
+    #: under --compile: seconds of the first forward and the first training step, which
+    #: compile the model's graphs (warm-up calls, never among the samples); else None
+    forward_compile_s: float | None = None
+    train_compile_s: float | None = None
 
 
 @dataclass
@@ -322,6 +330,8 @@ def _profile(settings: ProfileSettings, progress: Callable[[str], None] | None) 
             train_kernels=train_kernels.get(s.name),
             train_kernels_ratio=_ratio(train_kernels.get(s.name), train_kernels.get(REFERENCE)),
             peak_memory_ratio=_ratio(peaks.get(s.name), peaks.get(REFERENCE)),
+            forward_compile_s=phases.compile_seconds.get("forward", {}).get(s.name),
+            train_compile_s=phases.compile_seconds.get("train", {}).get(s.name),
         )
 
     config = base.config

@@ -90,6 +90,11 @@ def format_markdown(result: ProfileResult) -> str:
     lines += ["| " + " | ".join(_row(name, m)) + " |" for name, m in result.methods.items()]
     lines += [""] + [f"Implementation, {name}: {text}." for name, text in
                      advantages(n.partition("@")[0] for n in result.methods).items()]
+    compiled = [f"{name} {m.forward_compile_s:.1f} s" + (f" (training step {m.train_compile_s:.1f} s)"
+                                                        if m.train_compile_s is not None else "")
+                for name, m in result.methods.items() if m.forward_compile_s is not None]
+    if compiled:
+        lines.append("Compiling, the first forward of each model (warm-up, not timed): " + ", ".join(compiled) + ".")
     lines += [f"Peak memory: {result.settings['peak_memory']}.",
               f"Timer: {result.settings['timer']}. Ratios are to PEFT LoRA, overhead to the frozen model, "
               "measured in the same process."]

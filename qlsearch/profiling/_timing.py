@@ -65,11 +65,18 @@ class Spread:
         return asdict(self)
 
 
-def warm_up(calls: dict[str, Callable[[], object]], rounds: int) -> None:
-    """Untimed rounds: first-call costs (allocations, compilation, lazy init) stay out of the samples."""
-    for _ in range(rounds):
-        for call in calls.values():
-            call()
+def warm_up(calls: dict[str, Callable[[], object]], rounds: int, clock: Clock | None = None) -> dict[str, float]:
+    """Untimed rounds: first-call costs (allocations, compilation, lazy init) stay out of the
+    samples. Returns the seconds each call's first round took on ``clock`` (under
+    ``--compile``, compiling that model); without a clock, or without rounds, ``{}``."""
+    first = {}
+    for i in range(rounds):
+        for name, call in calls.items():
+            if i == 0 and clock is not None:
+                first[name] = clock.time_ms(call) / 1e3
+            else:
+                call()
+    return first
 
 
 def timed_rounds(calls: dict[str, Callable[[], object]], clock: Clock, repeats: int,
