@@ -21,7 +21,8 @@ def test_views_and_allocations_count_nothing_and_every_kernel_counts_once():
         torch.empty(5)
         x.t().reshape(24)  # not viewable: one copy
         torch.nn.functional.linear(x, torch.ones(3, 6), torch.ones(3))  # one GEMM with the bias: addmm
-    assert counter.counts == {"clone": 1, "ones": 2, "addmm": 1}
+        torch.zeros(4, 4).addmm_(x, x.t())  # in place: it writes, so it launches
+    assert counter.counts == {"clone": 1, "ones": 2, "addmm": 1, "zeros": 1, "addmm_": 1}
 
 
 def test_a_linear_layers_backward_counts_the_ops_of_its_gradients():
@@ -64,7 +65,7 @@ def launch_bound():
 def test_routing_launches_within_issue_15s_targets(launch_bound, method):
     """Issue 15's GPU targets, as kernels on the config that stands for a launch-bound GPU:
     forward <= 1.00x PEFT LoRA, training step <= 1.05x (before the stacked Q/K/V GEMM and the
-    scale on the mixer, the training step counted 1.19x, and an H200 measured 1.19-1.22x)."""
+    scale on the mixer, the training step counted 1.18x, and an H200 measured 1.19-1.22x)."""
     m = launch_bound.methods[method]
     assert m.kernels_ratio <= 1.00
     assert m.train_kernels_ratio <= 1.05

@@ -10,12 +10,14 @@ ops count too. Composite ops are decomposed to the ops that run; ops that only m
 (their schema says the output aliases an input, and ``_unsafe_view``) or only allocate count
 0. The count is the eager one, on the profile's device: a compiled graph fuses ops, and a few
 ops decompose differently per device (``F.rms_norm`` is one kernel on CUDA, several on CPU).
+In-place ops count: they write, so they launch.
 The optimizer step is left out: on CUDA, AdamW steps every tensor in a few foreach launches.
 
 Checked against a GPU: on an H200 (Qwen2.5-0.5B shape, bf16, batch 1 x 128, two runs) the
 training step of queryable took 1.19-1.22x PEFT LoRA's time and instr-queryable's 1.09-1.18x,
-where this count (the same code, the launch-bound config, bf16, 1 x 128) gave 1.18x and 1.20x.
-The forward tracks less closely: counted 1.11x and 1.13x, measured 0.96-1.01x and 0.95-1.06x.
+where this count (the same code, the launch-bound config, bf16, 1 x 128, on CPU) gave 1.18x
+and 1.20x. The forward tracks less closely: counted 1.11x and 1.13x, measured 0.96-1.01x and
+0.95-1.06x.
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ NO_KERNEL = frozenset({"empty", "empty_strided", "new_empty", "new_empty_strided
 
 
 def _launches(func) -> bool:
+    """False for a view (an output aliases an input without writing it: ``Tensor(a)``) and
+    for ``NO_KERNEL``; an in-place op (``Tensor(a!)``) writes, so it launches."""
     if func.overloadpacket.__name__ in NO_KERNEL:
         return False
-    return not any(ret.alias_info is not None for ret in func._schema.returns)
+    return not any(ret.alias_info is not None and not ret.alias_info.is_write for ret in func._schema.returns)
 
 
 class KernelCounter(TorchDispatchMode):

@@ -105,6 +105,9 @@ class RouteConstants:
     logit_keys: Tensor  # RMSNorm(k_m)^T / (sqrt(d_k) T_attn), (d_k, M): logits in one matmul
     atoms_t: Tensor  # C_m^T flattened, (M, r*r): a route mixes S_b^T directly
     gates: Tensor  # g_p = sigmoid(eta_p) of every projection, (P, 1)
+    #: ``gates`` split by block, (P_b, 1) each: one split, whose backward is one cat, where a
+    #: slice per block was a zero-filled copy per block and an add per block
+    block_gates: tuple[Tensor, ...]
     depth_scale: Tensor  # 1 / (sqrt(d_k) T_dep) as RMSNorm weights (d_k,): the depth query's scale
     priors: tuple[Tensor, ...]  # w_{l_b} of each block, (d_k,)
     query_cur: Tensor  # Q_cur, (d_k, r)
@@ -143,6 +146,7 @@ class AtomRouter(nn.Module):
         self.gate_logits = nn.Parameter(torch.full((sum(block_sizes),), float(c.init_gate)))  # eta_p
         bounds = list(itertools.accumulate(block_sizes, initial=0))
         self.gate_slices = [slice(lo, hi) for lo, hi in itertools.pairwise(bounds)]
+        self.block_sizes = tuple(block_sizes)
 
     def normed_keys(self) -> Tensor:
         """``RMSNorm(k_m)`` (M x d_k)."""
@@ -154,11 +158,13 @@ class AtomRouter(nn.Module):
         keys = self.normed_keys()
         atoms = self.atoms
         weight = lambda linear: None if linear is None else linear.weight  # noqa: E731
+        gates = self.gate_logits.sigmoid().unsqueeze(1)
         return RouteConstants(
             keys=keys,
             logit_keys=keys.T / (math.sqrt(c.d_k) * c.T_attn),
             atoms_t=atoms.transpose(1, 2).reshape(c.num_atoms, c.r * c.r),
-            gates=self.gate_logits.sigmoid().unsqueeze(1),
+            gates=gates,
+            block_gates=gates.split(self.block_sizes) if self.block_sizes else (),
             depth_scale=keys.new_full((c.d_k,), 1.0 / (math.sqrt(c.d_k) * c.T_dep)),
             priors=self.block_prior.unbind(0),
             query_cur=self.query_cur.weight,
@@ -205,30 +211,39 @@ class AtomRouter(nn.Module):
         const = self.constants() if constants is None else constants
         zeta = rms_norm(query) @ const.logit_keys
         if log_prior is not None and c.tau_lang != 0:
-            zeta = zeta + c.tau_lang * log_prior
+            zeta = torch.add(zeta, log_prior, alpha=c.tau_lang)
         return zeta
+
+    def context_query(self, instruction: Tensor | None) -> Tensor | None:
+        """``lambda_ctx Q_ctx e(c)`` (batch x d_k), the instruction's term of every block's query
+        (eq. 3): the same for every block, so made once per forward. None without one."""
+        if instruction is None or self.config.lambda_ctx == 0:
+            return None
+        return self.config.lambda_ctx * self.query_ctx(instruction)
 
     def route(
         self,
         block: int,
         entry_state: Tensor,
         block_means: Tensor | None,
-        instruction: Tensor | None,
+        context: Tensor | None,
         log_prior: Tensor | None,
         constants: RouteConstants | None = None,
     ) -> Route:
         """Route block ``block`` from its entry state (batch x r).
 
         ``block_means`` stacks the completed blocks' mean states (batch x block x r),
-        None for the first block; ``instruction`` is ``e(c)`` (batch x d_e) or None;
-        ``constants`` is ``constants()``, made once per forward (None: made here).
+        None for the first block; ``context`` is ``context_query(e(c))`` (batch x d_k) and
+        ``log_prior`` is ``language_log_prior(e(c))`` (batch x M), both made once per forward
+        (None: no instruction); ``constants`` is ``constants()``, made once per forward (None:
+        made here).
         """
         c = self.config
         const = self.constants() if constants is None else constants
         # F.linear with the bias slot doing the addition: one op where module call + add were two
         query = F.linear(entry_state, const.query_cur, const.priors[block])
-        if instruction is not None and c.lambda_ctx != 0:
-            query = query + c.lambda_ctx * self.query_ctx(instruction)
+        if context is not None:
+            query = query + context
         beta = None
         if block_means is not None:
             summary, beta = self.depth_summary(query, block_means, const)
@@ -256,6 +271,6 @@ class AtomRouter(nn.Module):
             eye = eye.reshape(1, -1).repeat(1, operator.shape[0])
             const.eye_flat = eye
         flat_t = operator.transpose(1, 2).reshape(1, -1)  # (1, batch r r); a view of S_b^T
-        gates = const.gates[self.gate_slices[block]].to(flat_t.dtype)
+        gates = const.block_gates[block].to(flat_t.dtype)
         mixers = torch.addcmul(eye, gates, flat_t, value=c.scaling)
         return mixers.view(-1, *operator.shape)

@@ -23,6 +23,7 @@ class RoutingState:
     token_weights: Tensor | None = None
     instruction: Tensor | None = None  # e(c), (batch, d_e)
     log_prior: Tensor | None = None  # log p(c), (batch, M); the same for every block
+    context: Tensor | None = None  # lambda_ctx Q_ctx e(c), (batch, d_k); the same for every block
     constants: RouteConstants | None = None  # what every block's route reads, made once per forward
     unit_states: dict[int, Tensor] = field(default_factory=dict)  # unit -> (batch, r)
     #: unit -> (x, each state projection's s = A^p x): made by the unit's first state projection
@@ -47,6 +48,7 @@ class RoutingState:
         self.log_prior = None
         if instruction is not None and router.config.tau_lang != 0:
             self.log_prior = router.language_log_prior(instruction, self.constants.keys)
+        self.context = router.context_query(instruction)
         # fresh dicts, not clear(): a compiled forward then never guards on the last one's keys
         self.unit_states, self.unit_downs, self.block_means, self.routes = {}, {}, {}, {}
         self.hold = False
@@ -63,7 +65,7 @@ class RoutingState:
             self.block_means[block - 1] = torch.stack([self.unit_states[u] for u in last]).mean(0)
             means = [self.block_means[i] for i in range(block)]
             means = means[0].unsqueeze(1) if block == 1 else torch.stack(means, dim=1)  # a view, not a copy, of one
-        self.routes[block] = router.route(block, entry_state, means, self.instruction, self.log_prior,
+        self.routes[block] = router.route(block, entry_state, means, self.context, self.log_prior,
                                           self.constants)
 
     def token_mean(self, x: Tensor) -> Tensor:
@@ -78,7 +80,9 @@ class RoutingState:
                 f"route_mask has shape {tuple(w.shape)} but the adapted layer sees "
                 f"(batch, tokens) = {tuple(x.shape[:2])}; pass one mask entry per input token"
             )
-        return torch.bmm(w.unsqueeze(1).to(x.dtype), x).squeeze(1)
+        if w.dtype != x.dtype:  # cast once per forward, not once per unit
+            w = self.token_weights = w.to(x.dtype)
+        return torch.bmm(w.unsqueeze(1), x).squeeze(1)
 
 
 def token_weights_from_mask(mask: Tensor | None) -> Tensor | None:
