@@ -1,4 +1,4 @@
-"""What one forward pass shares between the adapted layers: mask, instruction, states, routes.
+"""What one forward pass shares between the adapted layers: mask, the instruction's terms, states, routes.
 
 Writes are keyed by unit and block, never appended, so a forward recomputed by
 gradient checkpointing rewrites the same entries with the same values instead of
@@ -21,7 +21,6 @@ class RoutingState:
     #: (batch, tokens) weights of the mask-aware token average (rows sum to 1),
     #: or None: average uniformly over tokens (or take 2-D inputs as they are).
     token_weights: Tensor | None = None
-    instruction: Tensor | None = None  # e(c), (batch, d_e)
     log_prior: Tensor | None = None  # log p(c), (batch, M); the same for every block
     context: Tensor | None = None  # lambda_ctx Q_ctx e(c), (batch, d_k); the same for every block
     constants: RouteConstants | None = None  # what every block's route reads, made once per forward
@@ -40,10 +39,9 @@ class RoutingState:
     fixed_constants: RouteConstants | None = None
 
     def begin(self, token_weights: Tensor | None, instruction: Tensor | None, router: AtomRouter) -> None:
-        """Start a new forward pass that computes its own routes (and the constants and
-        instruction prior that all of them read)."""
+        """Start a new forward pass that computes its own routes (and the constants and the
+        instruction's prior and query term that all of them read)."""
         self.token_weights = token_weights
-        self.instruction = instruction
         self.constants = self.fixed_constants or router.constants()
         self.log_prior = None
         if instruction is not None and router.config.tau_lang != 0:
