@@ -279,6 +279,27 @@ def _check_snapshot(status: dict, previous: dict) -> dict:
     return {"finished": finished, "states": {n: rows[n]["state"] for n in finished}}
 
 
+def _kill_mid_trial(driver: subprocess.Popen, ot) -> list[int] | None:
+    """SIGKILL ``driver`` (and the Ray it started) if it runs a trial with a configuration
+    while another driver has run trials too; the numbers of the trials it left RUNNING, or
+    None (it runs on). The driver is stopped first and the states read after: a trial that
+    finishes between a read and the kill would otherwise count as interrupted."""
+    if driver.poll() is not None:
+        return None
+    os.killpg(driver.pid, signal.SIGSTOP)
+    time.sleep(0.2)  # a commit it sent before stopping lands
+    trials = ot.get_trials()
+    drivers = {t.user_attrs.get("driver") for t in trials if t.user_attrs.get("driver")}
+    mine = [t.number for t in trials if t.state == State.RUNNING
+            and t.user_attrs.get("driver", "").endswith(f":{driver.pid}") and t.user_attrs.get("knobs")]
+    if len(drivers) == 2 and mine and any(t.state == State.COMPLETE for t in trials):
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+        return mine
+    os.killpg(driver.pid, signal.SIGCONT)
+    return None
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["grid", "tpe"])
 def test_two_drivers_share_one_study_and_a_killed_ones_trials_run_again(tmp_path, sampler, capsys, pg_study):
@@ -308,14 +329,7 @@ def test_two_drivers_share_one_study_and_a_killed_ones_trials_run_again(tmp_path
             except KeyError:
                 continue
             if killed_running is None:  # kill the first driver while it runs a trial and the second runs too
-                trials = ot.get_trials()
-                drivers = {t.user_attrs.get("driver") for t in trials if t.user_attrs.get("driver")}
-                mine = [t for t in trials if t.state == State.RUNNING
-                        and t.user_attrs.get("driver", "").endswith(f":{first.pid}") and t.user_attrs.get("knobs")]
-                if len(drivers) == 2 and mine and any(t.state == State.COMPLETE for t in trials):
-                    os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray it started
-                    first.wait()
-                    killed_running = [t.number for t in mine]
+                killed_running = _kill_mid_trial(first, ot)
             assert main(["status", str(path), "--root", str(root), "--json"]) == 0
             gc.collect()  # the command's storage, and its connections, as its process exit would
             snapshot = _check_snapshot(json.loads(capsys.readouterr().out), snapshot)
