@@ -89,7 +89,8 @@ def _add_profile(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default=default["precision"],
                    help="every method's policy: mixed = float32 adapter weights cast to --dtype on use; "
                         "model = adapter weights stored in --dtype")
-    p.add_argument("--compile", action="store_true", help="torch.compile each model (forward, train)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each model (forward, train); decode with "
+                        "transformers' static cache and its compiled decode step")
     p.add_argument("--repeats", type=int, default=default["repeats"], help="timed rounds")
     p.add_argument("--warmup", type=int, default=default["warmup"], help="untimed rounds first")
     p.add_argument("--skip", type=_skip, default="", help=f"phases to leave out, of {','.join(SKIPPABLE)} (flops: the FLOP and kernel counts)")

@@ -180,7 +180,7 @@ def test_compiled_models_do_not_recompile_while_timed(qwen):
     out = profile_methods(ProfileSettings(qwen, methods=("lora", "queryable"), compile=True,
                                           skip=frozenset({"decode"}), **{**FAST, "warmup": 3}))
     assert out.settings["compiles_while_timing"] == 0
-    assert out.settings["compiled_phases"] == ["forward", "train"]
+    assert out.settings["compiled_phases"] == ["forward", "train"]  # decode skipped
     # compiling is timed apart: each model's first forward (and training step) of the warm-up
     for name, m in out.methods.items():
         assert m.forward_compile_s > 0, name
@@ -191,8 +191,23 @@ def test_compiled_models_do_not_recompile_while_timed(qwen):
     assert "Compiling, the first forward of each model (warm-up, not timed): frozen " in format_markdown(out)
 
 
+@pytest.mark.slow
+def test_compiled_decoding_uses_the_static_cache_and_does_not_recompile_while_timed(qwen):
+    """Under --compile every method decodes with transformers' static cache and its compiled
+    decode step (inductor, on this CPU too); the samples time the compiled steps."""
+    out = profile_methods(ProfileSettings(qwen, methods=("lora", "queryable"), compile=True,
+                                          skip=frozenset({"train", "flops"}), **{**FAST, "warmup": 2}))
+    assert out.settings["compiles_while_timing"] == 0
+    assert out.settings["compiled_phases"] == ["forward", "decode"]  # train skipped
+    assert out.settings["decode_cache"].startswith("static")
+    for name, m in out.methods.items():
+        assert m.decode_tokens_per_s > 0 and m.decode_compile_s > 0, name
+    assert "queryable " in format_markdown(out) and "(generate " in format_markdown(out)
+
+
 def test_compile_times_are_null_without_compiling(result):
-    assert all(m.forward_compile_s is None and m.train_compile_s is None for m in result.methods.values())
+    assert all(m.forward_compile_s is None and m.train_compile_s is None and m.decode_compile_s is None
+               for m in result.methods.values())
     assert "Compiling" not in format_markdown(result)
 
 

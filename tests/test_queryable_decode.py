@@ -115,3 +115,47 @@ def test_merged_decoding_in_bfloat16_gives_the_unmerged_tokens():
     merged = generate(model, x).sequences
     model.merge_decode = False
     assert torch.equal(merged, generate(model, x).sequences)
+
+
+def compiled_static(backend: str = "eager") -> dict:
+    """transformers' static cache with its compiled decode step; on a CPU transformers compiles
+    only when told to. Backend ``eager``: dynamo's tracing (what the adapter can break), fast."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(backend=backend)
+    config._compile_all_devices = True
+    return {"cache_implementation": "static", "compile_config": config}
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_static_cache_compiled_decoding_gives_the_eager_tokens_and_compiles_once(batch):
+    """One prompt decodes merged, two folded; either way the compiled steps read fixed tensors
+    only (the merge or fold runs eagerly at the first step), so later calls compile nothing.
+    The prompts are left-padded: the route mask must be generate's 2-D ``attention_mask``,
+    though the static cache's prompt forward receives transformers' own mask."""
+    import torch._dynamo as dynamo
+
+    model = adapted("qwen2", tau_lang=1.0, lambda_ctx=1.0)
+    e = torch.randn(batch, 384)
+    before = snapshot(model)
+
+    def both(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = tokens(batch=batch, length=6, seed=seed)
+        mask = torch.ones_like(x)
+        mask[-1, :2] = 0  # the last prompt is 4 tokens, left-padded
+        kw = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+        with torch.no_grad():
+            eager = model.generate(input_ids=x, attention_mask=mask, instruction=e, **kw)
+            static = model.generate(input_ids=x, attention_mask=mask, instruction=e, **kw, **compiled_static())
+        return eager, static
+
+    dynamo.reset()
+    eager, static = both(seed=1)
+    assert torch.equal(static, eager)
+    assert_restored(model, before)
+    with dynamo.config.patch(error_on_recompile=True):
+        for seed in (2, 3):
+            eager, static = both(seed)
+            assert torch.equal(static, eager)
+    assert_restored(model, before)
+    assert not model.state.hold

@@ -125,10 +125,12 @@ class MethodProfile:
     train_kernels: int | None = None
     train_kernels_ratio: float | None = None
     peak_memory_ratio: float | None = None  # to LoRA's (CUDA only)
-    #: under --compile: seconds of the first forward and the first training step, which
-    #: compile the model's graphs (warm-up calls, never among the samples); else None
+    #: under --compile: seconds of the first forward, the first training step and the first
+    #: full ``generate`` (its decode step's compilation), which compile the model's graphs
+    #: (warm-up calls, never among the samples); else None
     forward_compile_s: float | None = None
     train_compile_s: float | None = None
+    decode_compile_s: float | None = None
 
 
 @dataclass
@@ -162,8 +164,8 @@ def _measure_decode(subjects: list[Subject], inputs: dict, settings: ProfileSett
     N = settings.new_tokens
     calls = {}
     for s in subjects:
-        calls[(s.name, 1)] = generate_call(s, inputs, generation_kwargs(config, 1))
-        calls[(s.name, N)] = generate_call(s, inputs, generation_kwargs(config, N))
+        calls[(s.name, 1)] = generate_call(s, inputs, generation_kwargs(config, 1, settings.compile))
+        calls[(s.name, N)] = generate_call(s, inputs, generation_kwargs(config, N, settings.compile))
     samples = phases.time(calls, "decode")
     out = {}
     for s in subjects:
@@ -332,6 +334,7 @@ def _profile(settings: ProfileSettings, progress: Callable[[str], None] | None) 
             peak_memory_ratio=_ratio(peaks.get(s.name), peaks.get(REFERENCE)),
             forward_compile_s=phases.compile_seconds.get("forward", {}).get(s.name),
             train_compile_s=phases.compile_seconds.get("train", {}).get(s.name),
+            decode_compile_s=phases.compile_seconds.get("decode", {}).get((s.name, settings.new_tokens)),
         )
 
     config = base.config
@@ -342,7 +345,10 @@ def _profile(settings: ProfileSettings, progress: Callable[[str], None] | None) 
             "num_attention_heads", "num_key_value_heads", "vocab_size")},
         "timer": clock.name,
         "statistic": "median over repeats after warm-up; methods interleaved round-robin",
-        "compiled_phases": ["forward", "train"] if settings.compile else [],
+        "compiled_phases": [phase for phase, ran in (("forward", True), ("train", bool(train)), ("decode", decodes))
+                            if ran] if settings.compile else [],
+        "decode_cache": None if not decodes else (
+            "static (transformers compiles the decode step)" if settings.compile else "dynamic"),
         "dynamo_config": _DYNAMO_CONFIG if settings.compile else None,
         "compiles_while_timing": phases.compiles_while_timing if settings.compile else None,
         "forms": ("forward, decode and FLOPs time each method's inference form (row 'form'; "

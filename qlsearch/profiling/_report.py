@@ -62,7 +62,8 @@ def _caption(result: ProfileResult) -> str:
              else f"{machine['cpu']}, {threads} thread{'s' if threads != 1 else ''}")
     synthetic = s["model"] in SYNTHETIC_MODELS  # no tokens, no decoding
     shape = f"batch {s['batch']}" if synthetic else f"batch {s['batch']} x seq {s['seq']}"
-    decode = "" if synthetic else f", decode {s['new_tokens']} tokens"
+    static = (s.get("decode_cache") or "").startswith("static")  # older results files lack it
+    decode = "" if synthetic else f", decode {s['new_tokens']} tokens" + (" (static cache)" if static else "")
     return (f"{s['model']} ({mc['model_type']}, {mc['num_hidden_layers']} layers, hidden {mc['hidden_size']}), "
             f"{shape}, {s['dtype']} on {where}, torch {machine['torch']}; "
             f"precision {s['precision']}, "
@@ -90,8 +91,9 @@ def format_markdown(result: ProfileResult) -> str:
     lines += ["| " + " | ".join(_row(name, m)) + " |" for name, m in result.methods.items()]
     lines += [""] + [f"Implementation, {name}: {text}." for name, text in
                      advantages(n.partition("@")[0] for n in result.methods).items()]
-    compiled = [f"{name} {m.forward_compile_s:.1f} s" + (f" (training step {m.train_compile_s:.1f} s)"
-                                                        if m.train_compile_s is not None else "")
+    compiled = [f"{name} {m.forward_compile_s:.1f} s" + "".join(
+                    f" ({what} {seconds:.1f} s)" for what, seconds in (
+                        ("training step", m.train_compile_s), ("generate", m.decode_compile_s)) if seconds is not None)
                 for name, m in result.methods.items() if m.forward_compile_s is not None]
     if compiled:
         lines.append("Compiling, the first forward of each model (warm-up, not timed): " + ", ".join(compiled) + ".")

@@ -155,18 +155,30 @@ def forward_call(subject: Subject, inputs: dict[str, Tensor]) -> Callable[[], ob
     return call
 
 
-def generation_kwargs(config, new_tokens: int) -> dict:
-    """Greedy decoding of exactly ``new_tokens`` tokens (min = max, so EOS cannot stop it early)."""
+def generation_kwargs(config, new_tokens: int, compiled: bool = False) -> dict:
+    """Greedy decoding of exactly ``new_tokens`` tokens (min = max, so EOS cannot stop it early).
+
+    ``compiled``: transformers' static cache, whose decode step transformers compiles itself
+    (``torch.compile`` of the model's call, its default ``CompileConfig``: CUDA graphs on a
+    GPU); on a CPU, where transformers compiles only when told to, told to. The prompt's
+    forward stays eager, as transformers runs it."""
     eos = config.eos_token_id
     pad = config.pad_token_id if config.pad_token_id is not None else (
         eos[0] if isinstance(eos, list) else eos)
-    return {"do_sample": False, "num_beams": 1, "min_new_tokens": new_tokens,
-            "max_new_tokens": new_tokens, "pad_token_id": 0 if pad is None else pad}
+    kwargs = {"do_sample": False, "num_beams": 1, "min_new_tokens": new_tokens,
+              "max_new_tokens": new_tokens, "pad_token_id": 0 if pad is None else pad}
+    if compiled:
+        from transformers import CompileConfig
+
+        compile_config = CompileConfig()
+        compile_config._compile_all_devices = True  # transformers' own switch for CPUs
+        kwargs.update(cache_implementation="static", compile_config=compile_config)
+    return kwargs
 
 
 def generate_call(subject: Subject, inputs: dict[str, Tensor], kwargs: dict) -> Callable[[], Tensor]:
-    """``generate`` on the model itself: it drives the model's own forward, so decoding
-    runs eager under ``--compile`` too (HF compiles decoding only with a static cache)."""
+    """``generate`` on the model itself: it drives the model's own forward (eager under
+    ``--compile``, where ``generation_kwargs`` has transformers compile the decode step)."""
     expected = inputs["input_ids"].shape[1] + kwargs["max_new_tokens"]
 
     def call() -> Tensor:

@@ -54,8 +54,7 @@ class QueryableLinear(nn.Module):
         self.state_slot = -1
         self.state_layers: tuple[QueryableLinear, ...] = ()
         self.records_state = False
-        self._folded: Tensor | None = None
-        self._folded_for: object = None  # the Route the folded factor was made from
+        self._folded: Tensor | None = None  # the held route folded in (fold_route)
         self.fixed: Operands | None = None  # the inference form's operands (QueryableModel.fold)
         self._plain_base = type(base_layer) is nn.Linear  # see _plus_base
 
@@ -83,7 +82,7 @@ class QueryableLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         router, state = self._shared
         if state.hold and state.fold and not self.training:
-            return self._forward_folded(x, state)
+            return self._forward_folded(x)
         ops = self.fixed if self.fixed is not None and not self.training else self.operands()
         flat = x.dim() == 2  # one row per example (a plain MLP)
         rows = x if flat else x.reshape(-1, x.shape[-1])  # x's rows as one matrix: 2-D GEMMs
@@ -167,13 +166,15 @@ class QueryableLinear(nn.Module):
             return torch.bmm(s, route.mixers_t[self.slot])
         return torch.baddbmm(s, s, route.operator_t, beta=self.scaling, alpha=self.scaling * gate)
 
-    def _forward_folded(self, x: Tensor, state: RoutingState) -> Tensor:
-        route = state.routes[self.block]
+    def fold_route(self, route: Route) -> None:
+        """Fold the held ``route`` into this projection's per-example factor
+        ``(alpha/r)(I + g S_b) A`` (batch, r, d_in), which every decode step then reads
+        (``QueryableModel._hold_routes`` folds once per held route)."""
+        mixer = route.mixers_t[self.slot].transpose(1, 2)  # (alpha/r)(I + g S_b)
+        self._folded = mixer @ self._A_t(self.fixed or self.operands()).t()
+
+    def _forward_folded(self, x: Tensor) -> Tensor:
         ops = self.fixed or self.operands()
-        if self._folded_for is not route:  # a new route (a new generate call): fold it once
-            mixer = route.mixers_t[self.slot].transpose(1, 2)  # (alpha/r)(I + g S_b)
-            self._folded = mixer @ self._A_t(ops).t()  # (batch, r, d_in)
-            self._folded_for = route
         folded = self._folded
         t = torch.bmm(x.reshape(folded.shape[0], -1, x.shape[-1]), folded.transpose(1, 2))
         return self._plus_base(x, x.reshape(-1, x.shape[-1]), t.view(-1, self.r), ops).view(*x.shape[:-1], -1)

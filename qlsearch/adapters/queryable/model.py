@@ -181,28 +181,42 @@ class QueryableModel(AdapterModel):
     def _begin_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         state, call = self.state, self._call
         if call.generating and call.prefilled:  # a decode step: the fast path first
-            state.hold = True
-            if call.mergeable and not self._merged:
-                self._merge_updates()
+            if not state.hold:
+                self._hold_routes(merge=call.mergeable)
             return
         cache = kwargs.get("past_key_values")
         cached = cache is not None and (
             cache.get_seq_length() > 0 if hasattr(cache, "get_seq_length") else True
         )
         if cached and state.routes:
-            state.hold = True
+            if not state.hold:
+                self._hold_routes(merge=False)
             return
         batch = self._batch_size(args, kwargs)
         mask = call.route_mask
         if mask is None:
             mask = kwargs.get("attention_mask")
-            if mask is not None and mask.dim() != 2:
+            if mask is not None and (not isinstance(mask, Tensor) or mask.dim() != 2):
                 raise ValueError(
                     "route_mask: the attention_mask is not 2-D (batch x tokens); pass route_mask"
                 )
         instruction = _rows_for(call.instruction, batch, "instruction")
         state.begin(token_weights_from_mask(_rows_for(mask, batch, "route_mask")), instruction, self.router)
         call.prefilled = call.generating
+
+    @torch.compiler.disable
+    def _hold_routes(self, merge: bool) -> None:
+        """Hold the prompt's routes for the decode steps that follow, and merge them into the
+        weights (``merge``: one prompt) or fold them into each projection's factor, once, at
+        the first step. Run eagerly even in a compiled step (transformers compiles the decode
+        step with a static cache): the steps after it read fixed tensors only, so one graph
+        serves every ``generate`` call. Counted in the first step's time, the time it serves."""
+        self.state.hold = True
+        if merge:
+            self._merge_updates()
+        elif self.state.fold:
+            for layer in self.adapted_layers():
+                layer.fold_route(self.state.routes[layer.block])
 
     @staticmethod
     def _batch_size(args: tuple, kwargs: dict) -> int | None:
@@ -286,7 +300,12 @@ class QueryableModel(AdapterModel):
         Beam search and ``num_return_sequences`` repeat batch rows; the
         instruction and route mask are repeated the same way. One prompt decodes with
         the update merged into the weights (``merge_decode``; see the module docstring).
+        The route mask defaults to the ``attention_mask`` given here: with a static cache
+        (``cache_implementation="static"``) the prompt's forward receives transformers' own
+        mask, not this 2-D one.
         """
+        if route_mask is None and isinstance(kwargs.get("attention_mask"), Tensor):
+            route_mask = kwargs["attention_mask"]
         with self._context(instruction, route_mask, generating=True,
                            prompts=self._batch_size(args, kwargs)):
             return self.base_model.generate(*args, **kwargs)
