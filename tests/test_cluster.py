@@ -179,7 +179,8 @@ def run_with_kills(nodes: Nodes, tmp_path: Path, label: str, max_retries: int):
     early in a trial (before its first seed finished), during its last seed, and just after a
     trial finished (between trials: the idle worker kept for the next trial dies with its node).
     After each kill a fresh worker node joins. Returns the study name, the kills (point, node,
-    trial hit) and, per kill, the finished trials' values at that moment."""
+    trial hit; point "missed" where the trial's seeds ended before its node died) and, per
+    kill, the finished trials' values at that moment."""
     nodes.keep(2)
     path, name = write_study(tmp_path, label, seeds=[0, 1], num_trials=6, max_retries=max_retries,
                              epochs=10, concurrent=1)
@@ -200,26 +201,37 @@ def run_with_kills(nodes: Nodes, tmp_path: Path, label: str, max_retries: int):
             if _fresh(seed1, attempt["started"]):
                 continue  # this attempt is done with its seeds
             if points[0] == "early" and not _fresh(seed0, attempt["started"]):
-                target = (trial_id, attempt["node"]["node_id"])
+                target = (trial_id, attempt["node"]["node_id"], attempt["started"])
             elif points[0] == "last seed" and _fresh(seed0, attempt["started"]):
-                target = (trial_id, attempt["node"]["node_id"])
+                target = (trial_id, attempt["node"]["node_id"], attempt["started"])
         if points[0] == "between":
             complete = {t.user_attrs["tune_trial_id"]: t.user_attrs["node"]["node_id"] for t in trials_of(name)
                         if t.state == optuna.trial.TrialState.COMPLETE}
             if complete_before is None:
                 complete_before = set(complete)
             new = [tid for tid in complete if tid not in complete_before]
-            target = (None, complete[new[0]]) if new else None
+            target = (None, complete[new[0]], None) if new else None
         if target is None or target[1] not in nodes.workers:
             continue
         finished_then.append({t.number: t.values for t in trials_of(name) if t.state.is_finished()})
         nodes.kill(target[1])
-        kills.append({"point": points.pop(0), "node": target[1], "trial": target[0]})
+        trial_id, node_id, started = target
+        if trial_id is not None and _fresh(trials_dir / trial_id / "seed1.json", started):
+            # its last seed was written before the node died (the seed ran out between the look
+            # and the kill): this kill did not hit the point, so another trial's must
+            kills.append({"point": "missed", "node": node_id, "trial": trial_id})
+        else:
+            kills.append({"point": points.pop(0), "node": node_id, "trial": trial_id})
         nodes.keep(2)
     output, _ = sweep.communicate(timeout=max(1, deadline - time.time()))
     assert sweep.returncode == 0, output
     assert not points, f"kill points never reached: {points}\n{output}"
     return name, kills, finished_then, output
+
+
+def mid_trial(kills: list[dict]) -> list[dict]:
+    """The kills that hit a trial while it ran: early, and during its last seed."""
+    return [k for k in kills if k["point"] in ("early", "last seed")]
 
 
 def check_counts(name: str, kills: list[dict], finished_then: list[dict], nodes: Nodes) -> dict:
@@ -254,7 +266,7 @@ def test_killed_nodes_trials_run_again_on_another_node(nodes, tmp_path):
     counts = check_counts(name, kills, finished_then, nodes)
     trials = {t.user_attrs["tune_trial_id"]: t for t in trials_of(name)}
     assert counts["complete"] == 6 and counts["failed"] == 0, output
-    for kill in kills[:2]:  # early, last seed: the trial running there was retried elsewhere
+    for kill in mid_trial(kills):  # the trial running there was retried elsewhere
         trial = trials[kill["trial"]]
         tried = attempts(Path(trial.user_attrs["record_dir"]))
         assert len(tried) == 2 and tried[0]["node"]["node_id"] == kill["node"] != tried[1]["node"]["node_id"]
@@ -268,7 +280,7 @@ def test_killed_nodes_trials_end_failed_with_the_reason(nodes, tmp_path):
     name, kills, finished_then, output = run_with_kills(nodes, tmp_path, "fail", max_retries=0)
     counts = check_counts(name, kills, finished_then, nodes)
     trials = {t.user_attrs["tune_trial_id"]: t for t in trials_of(name)}
-    for kill in kills[:2]:
+    for kill in mid_trial(kills):
         trial = trials[kill["trial"]]
         assert trial.state == optuna.trial.TrialState.FAIL
         assert trial.user_attrs["failure"].startswith(f"node died: Ray node {kill['node'][:12]}"), output
