@@ -117,12 +117,12 @@ def test_merged_decoding_in_bfloat16_gives_the_unmerged_tokens():
     assert torch.equal(merged, generate(model, x).sequences)
 
 
-def compiled_static(backend: str = "eager") -> dict:
+def compiled_static() -> dict:
     """transformers' static cache with its compiled decode step; on a CPU transformers compiles
     only when told to. Backend ``eager``: dynamo's tracing (what the adapter can break), fast."""
     from transformers import CompileConfig
 
-    config = CompileConfig(backend=backend)
+    config = CompileConfig(backend="eager")
     config._compile_all_devices = True
     return {"cache_implementation": "static", "compile_config": config}
 
