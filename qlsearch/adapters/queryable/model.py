@@ -24,6 +24,7 @@ several prompts use the folded batched matmul instead (``QueryableLinear``).
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -118,6 +119,7 @@ class QueryableModel(AdapterModel):
         block_of = {u: b for b, members in enumerate(blocks) for u in members}
         c = config
         block_sizes = [sum(len(units[u]) for u in members) for members in blocks]
+        block_starts = list(itertools.accumulate(block_sizes, initial=0))  # each block's first gate index
         with seeded(config.seed):
             self.router = AtomRouter(config, block_sizes).to(device=first.device, dtype=first.dtype)
             self.state = RoutingState(blocks=blocks)
@@ -129,7 +131,7 @@ class QueryableModel(AdapterModel):
                 ]
                 for layer in layers:
                     layer.unit, layer.block, layer.index = unit, block_of[unit], index
-                    layer.slot = index - self.router.gate_slices[layer.block].start
+                    layer.slot = index - block_starts[layer.block]
                     layer._shared = (self.router, self.state)
                     index += 1
                 state_layers = [

@@ -28,7 +28,6 @@ Decisions where the paper is ambiguous (DESIGN.md decides):
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -144,9 +143,7 @@ class AtomRouter(nn.Module):
         self.query_ctx = nn.Linear(c.instruction_dim, c.d_k, bias=False) if c.lambda_ctx else None  # Q_ctx
         self.prior_ctx = nn.Linear(c.instruction_dim, c.d_k, bias=False) if c.tau_lang else None  # R_ctx
         self.gate_logits = nn.Parameter(torch.full((sum(block_sizes),), float(c.init_gate)))  # eta_p
-        bounds = list(itertools.accumulate(block_sizes, initial=0))
-        self.gate_slices = [slice(lo, hi) for lo, hi in itertools.pairwise(bounds)]
-        self.block_sizes = tuple(block_sizes)
+        self.block_sizes = tuple(block_sizes)  # each block's gates: one split (constants)
 
     def normed_keys(self) -> Tensor:
         """``RMSNorm(k_m)`` (M x d_k)."""
