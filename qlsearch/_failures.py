@@ -6,6 +6,15 @@ gives it to ``StudySearch``, which ends the Optuna trial FAIL with that reason
 (``node died: ...`` when the node the trial last ran on has left the cluster).
 Whether such a trial is retried first is the study's ``max_retries`` (Tune's
 ``FailureConfig``): a retry starts the configuration afresh, on whichever node has room.
+
+Tune (2.60) can count one lost worker twice. A trial handed a reused worker that died
+while idle (its node died between trials) fails twice: once when Tune sees the worker
+gone, and again when the worker's ``reset`` call fails. The second failure comes while
+the trial waits for its retry, and Tune then ends it as an error with its retries unused.
+``WorkerFailures`` counts the distinct workers each trial lost, by actor id. When Tune
+gives up on a trial that lost no more workers than ``max_retries`` allows, its Optuna
+trial is handed on (``StudySearch.hand_on``) to the next Tune trial, which runs it
+afresh. Each Optuna trial is handed on at most once.
 """
 
 from __future__ import annotations
@@ -75,19 +84,47 @@ def failure_reason(error: BaseException | str | None, node: dict | None) -> str:
     return f"worker died: {first_line(str(error))}"
 
 
+def lost_worker(error: BaseException | str | None) -> str | None:
+    """The actor id of the worker whose loss ``error`` reports ("" where Ray does not say
+    which worker it was); None when ``error`` is not a lost worker."""
+    from ray.exceptions import RayActorError
+
+    return (error.actor_id or "") if isinstance(error, RayActorError) else None
+
+
 class WorkerFailures(Callback):
     """Tells ``search`` (a ``StudySearch``) why a trial's worker failed, once Tune gave up on it;
-    ``run_dir`` is the sweep's run folder (trial records under ``trials/<trial id>``)."""
+    ``run_dir`` is the sweep's run folder (trial records under ``trials/<trial id>``).
+    A trial that Tune gave up on for one lost worker counted twice is handed on instead
+    (see the module docstring); ``handed_on`` lists those trial ids."""
 
     def __init__(self, search, run_dir: str | Path):
         self.search = search
         self.run_dir = Path(run_dir)
         self.reasons: dict[str, str] = {}  # trial id -> reason, also for TrialLines' line
+        self.lost: dict[str, set[str]] = {}  # trial id -> actor ids of the workers it lost
+        self.handed_on: set[str] = set()
+
+    def worker_lost(self, trial_id: str, error: BaseException | str | None) -> int:
+        """Note ``error`` (a failure of ``trial_id``); returns how many distinct workers it lost."""
+        lost = self.lost.setdefault(trial_id, set())
+        if (actor := lost_worker(error)) is not None:
+            lost.add(actor or f"unnamed {len(lost)}")  # losses that cannot be told apart count apart
+        return len(lost)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self.worker_lost(trial.trial_id, stored_error(trial))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         record_dir = self.run_dir / "trials" / trial.trial_id
         tried = read_attempts(record_dir)  # none: it died before its first attempt began
         node = tried[-1]["node"] if tried else None
-        self.reasons[trial.trial_id] = failure_reason(stored_error(trial), node)
+        error = stored_error(trial)
+        self.reasons[trial.trial_id] = failure_reason(error, node)
+        lost = self.worker_lost(trial.trial_id, error)
+        if lost_worker(error) is not None and lost <= self.search.study.max_retries \
+                and self.search.hand_on(trial.trial_id, self.reasons[trial.trial_id]):
+            self.handed_on.add(trial.trial_id)
+            return
         self.search.fail(trial.trial_id, {"failure": self.reasons[trial.trial_id], "node": node,
                                           "attempts": len(tried), "record_dir": str(record_dir)})

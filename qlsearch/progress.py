@@ -14,10 +14,12 @@ class TrialLines(Callback):
     """Prints ``[n] method knobs -> objectives (time)`` as trials end, and records when
     trials ran, so the sweep's overhead (time with no trial running) can be measured."""
 
-    def __init__(self, objectives: list[str], verbose: bool = True, reasons: dict[str, str] | None = None):
+    def __init__(self, objectives: list[str], verbose: bool = True, reasons: dict[str, str] | None = None,
+                 handed_on: set[str] | None = None):
         self.objectives = objectives
         self.verbose = verbose
         self.reasons = {} if reasons is None else reasons  # failed workers' (WorkerFailures.reasons)
+        self.handed_on = set() if handed_on is None else handed_on  # (WorkerFailures.handed_on)
         self.spans: dict[str, list[float]] = {}
         self.finished = 0
 
@@ -27,6 +29,11 @@ class TrialLines(Callback):
     def _end(self, trial, failed: bool) -> None:
         span = self.spans.setdefault(trial.trial_id, [time.time(), time.time()])
         span[1] = time.time()
+        if failed and trial.trial_id in self.handed_on:  # its configuration is not finished
+            if self.verbose:
+                print(f"[retry] trial {trial.trial_id} lost its worker ({self.reasons.get(trial.trial_id)}); "
+                      "its configuration runs again as a new trial", flush=True)
+            return
         self.finished += 1
         if not self.verbose:
             return

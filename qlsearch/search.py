@@ -269,7 +269,8 @@ class StudySearch(OptunaSearch):
     """``OptunaSearch`` that records each trial's configuration and outcome as user attrs,
     and never leaves an Optuna trial RUNNING: anything but a completed trial with finite
     objectives is told as FAIL, with its reason. A trial whose worker failed is told when
-    its reason arrives (``fail``, from ``WorkerFailures``, which Tune calls just after).
+    its reason arrives (``fail``, from ``WorkerFailures``, which Tune calls just after), or,
+    when Tune gave up on it too early, handed on to the next Tune trial (``hand_on``).
 
     It runs only trials its ``Driver`` claimed from the study's queue (never one that
     ``ask`` would create), so several drivers share one study.
@@ -283,12 +284,15 @@ class StudySearch(OptunaSearch):
     """
 
     #: what Tune must not pickle: the storage and everything that holds it (its URL has the password)
-    _UNPICKLED = ("_storage", "_ot_study", "_ot_trials")
+    _UNPICKLED = ("_storage", "_ot_study", "_ot_trials", "_handed_on")
     driver: Driver
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._awaiting_reason: set[str] = set()  # failed workers, told once their reason arrives
+        #: (Tune trial id, Optuna trial, reason) of trials handed on, for the next Tune trials
+        self._handed_on: list[tuple[str, optuna.Trial, str]] = []
+        self._handed_on_numbers: set[int] = set()  # every Optuna trial handed on (once at most)
 
     @classmethod
     def for_study(cls, study: Study, storage, seed: int, unstored_dir: str | Path, driver: Driver | None = None,
@@ -319,7 +323,8 @@ class StudySearch(OptunaSearch):
         try:
             while True:
                 if trial_id not in self._ot_trials:
-                    claimed = self.driver.next_trial(self._ot_study)
+                    claimed = self._handed_on.pop(0)[1] if self._handed_on else \
+                        self.driver.next_trial(self._ot_study)
                     if claimed is None or claimed == FINISHED:
                         return claimed
                     self._ot_trials[trial_id] = claimed
@@ -449,10 +454,30 @@ class StudySearch(OptunaSearch):
         self._awaiting_reason.discard(trial_id)
         self.on_trial_complete(trial_id, {"status": "error", **result}, error=True)
 
+    def hand_on(self, trial_id, reason: str) -> bool:
+        """Keep the Optuna trial of a Tune trial whose worker failed RUNNING, and give it to
+        the next Tune trial, which runs it afresh. ``WorkerFailures`` calls this when Tune gave
+        up on the trial with retries left, having counted one lost worker twice. False, and
+        nothing changes, when the trial is not this searcher's to hand on, or was handed on
+        once already. A trial still handed on when the sweep ends is told FAIL, with ``reason``."""
+        ot_trial = self._ot_trials.get(trial_id)
+        if self.outage is not None or trial_id in self._completed_trials or ot_trial is None \
+                or ot_trial.number in self._handed_on_numbers:
+            return False
+        self._awaiting_reason.discard(trial_id)
+        self._handed_on_numbers.add(ot_trial.number)
+        self._handed_on.append((trial_id, self._ot_trials.pop(trial_id), reason))
+        return True
+
     def fail_unexplained(self) -> None:
-        """After the sweep: a failed worker whose reason never came still ends FAIL."""
+        """After the sweep: a failed worker whose reason never came still ends FAIL, and so
+        does a trial handed on that no Tune trial took (the sweep ended first)."""
         for trial_id in sorted(self._awaiting_reason):
             self.fail(trial_id, {"failure": WORKER_RAISED})
+        while self._handed_on:
+            trial_id, ot_trial, reason = self._handed_on.pop(0)
+            self._ot_trials[trial_id] = ot_trial
+            self.fail(trial_id, {"failure": reason})
 
 
 def _configurations(study: Study, ot_study, but: int | None = None) -> dict:
@@ -659,7 +684,8 @@ def run_sweep(study: Study, root: str | Path = "runs", address: str | None = Non
         primary = study.objectives[0]
         scheduler = ASHAScheduler(metric=primary.name, mode="max" if primary.higher_is_better else "min")
     failures = WorkerFailures(search, run_dir)
-    lines = TrialLines([m.name for m in study.objectives], verbose=verbose, reasons=failures.reasons)
+    lines = TrialLines([m.name for m in study.objectives], verbose=verbose, reasons=failures.reasons,
+                       handed_on=failures.handed_on)
     # FailureConfig: a trial whose worker (or node) died runs again up to max_retries times,
     # afresh and wherever there is room; after that it ends FAIL, its reason told by
     # WorkerFailures (node died: ...), and the sweep goes on

@@ -3,8 +3,8 @@
 The cluster is Ray's own multi-node test harness (``ray.cluster_utils.Cluster``): a head
 node with no CPUs (so no trial runs there) and worker nodes of one CPU each, every node a
 separate raylet with its own processes, on this one machine. The sweeps are ``qlsearch
-sweep --address`` processes, as on a real cluster. Killing a node is ``remove_node``
-without a graceful shutdown: its raylet and every worker on it get SIGKILL.
+sweep --address`` processes, as on a real cluster. Killing a node is SIGKILL to its raylet
+and every worker on it at once, then ``remove_node``.
 
 The cluster tests are slow (minutes on 2 cores): ``.ci/run`` runs them after ``make test``.
 """
@@ -92,9 +92,39 @@ class Nodes:
             self.workers[node._node_id] = node
         self.cluster.wait_for_nodes()
 
+    def wait_until_usable(self) -> None:
+        """Run a one-CPU task on every worker node, from a driver of its own. A node the GCS
+        lists can still take seconds before it runs anything (its resources not yet seen by
+        the scheduler); a sweep started then runs every trial on the nodes that are ready."""
+        probe = (
+            "import sys, ray\n"
+            "from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On\n"
+            "ray.init(address=sys.argv[1])\n"
+            "node_of = ray.remote(num_cpus=1)(lambda: ray.get_runtime_context().get_node_id())\n"
+            "ran = ray.get([node_of.options(scheduling_strategy=On(n, soft=False)).remote()\n"
+            "               for n in sys.argv[2:]], timeout=120)\n"
+            "assert ran == sys.argv[2:], ran\n"
+        )
+        subprocess.run([sys.executable, "-c", probe, self.cluster.address, *self.workers], check=True,
+                       capture_output=True, timeout=180)
+
     def kill(self, node_id: str) -> None:
-        """SIGKILL every process of a worker node (raylet, object store, trial workers)."""
-        self.cluster.remove_node(self.workers.pop(node_id), allow_graceful=False)
+        """SIGKILL every process of a worker node at once: its raylet and the workers it spawned.
+        ``remove_node`` alone kills only the raylet (and the node's other tracked processes); a
+        trial's worker would go on for about a second before noticing, time enough to finish a
+        seed and report the trial, which a machine's death does not allow."""
+        import psutil  # a dependency of peft and accelerate
+        from ray._private import ray_constants
+
+        node = self.workers.pop(node_id)
+        raylet = psutil.Process(node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid)
+        spawned = raylet.children(recursive=True)
+        for process in (raylet, *spawned):
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.cluster.remove_node(node, allow_graceful=False)  # the rest, and Ray's bookkeeping
         self.killed.append(node_id)
 
 
@@ -146,6 +176,7 @@ def test_sweep_spreads_its_trials_over_the_worker_nodes(nodes, tmp_path):
     """``qlsearch sweep --address``: 4 trials, 2 at a time, on two one-CPU worker nodes; every
     record and the status say which node ran it, and both workers (never the head) did."""
     nodes.keep(2)
+    nodes.wait_until_usable()
     path, name = write_study(tmp_path, "spread")
     started = time.time()
     sweep = start_sweep(path, tmp_path / "runs", nodes.cluster.address)
@@ -183,7 +214,7 @@ def run_with_kills(nodes: Nodes, tmp_path: Path, label: str, max_retries: int):
     kill, the finished trials' values at that moment."""
     nodes.keep(2)
     path, name = write_study(tmp_path, label, seeds=[0, 1], num_trials=6, max_retries=max_retries,
-                             epochs=10, concurrent=1)
+                             epochs=40, concurrent=1)
     trials_dir = tmp_path / "runs" / name / "trials"
     sweep = start_sweep(path, tmp_path / "runs", nodes.cluster.address)
     kills, finished_then = [], []
