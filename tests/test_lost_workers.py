@@ -82,26 +82,18 @@ def test_one_worker_counted_twice_hands_the_trial_on_to_the_next_tune_trial(tmp_
 
 
 @pytest.mark.usefixtures("ray_session")
-def test_two_lost_workers_use_up_one_retry_and_the_trial_ends_failed(tmp_path):
-    ot, search, failures = searcher_and_failures(tmp_path, "two-lost", max_retries=1)
+@pytest.mark.parametrize(("max_retries", "actors"), [(1, [7, 8]), (0, [7])], ids=["two-lost", "no-retries"])
+def test_a_trial_that_lost_more_workers_than_its_retries_ends_failed(tmp_path, max_retries, actors):
+    """Two workers lost with one retry, or one lost with none: Tune's count is right, and
+    the trial ends FAIL with the reason."""
+    ot, search, failures = searcher_and_failures(tmp_path, f"lost-{max_retries}", max_retries=max_retries)
     trial = tune_trial(tmp_path, "tune-a")
     search.suggest("tune-a")
     number = search._ot_trials["tune-a"].number
-    fail_as_tune_does(trial, failures, search, [lost(7), lost(8)])
+    fail_as_tune_does(trial, failures, search, [lost(a) for a in actors])
     assert failures.handed_on == set()
     (failed,) = [t for t in ot.get_trials() if t.number == number]
     assert failed.state == State.FAIL and failed.user_attrs["failure"].startswith("worker died: ")
-    search.driver.stop()
-
-
-@pytest.mark.usefixtures("ray_session")
-def test_without_retries_a_lost_worker_ends_the_trial_failed(tmp_path):
-    ot, search, failures = searcher_and_failures(tmp_path, "no-retries", max_retries=0)
-    trial = tune_trial(tmp_path, "tune-a")
-    search.suggest("tune-a")
-    fail_as_tune_does(trial, failures, search, [lost(7)])
-    assert failures.handed_on == set()
-    assert [t.state for t in ot.get_trials() if t.state != State.WAITING] == [State.FAIL]
     search.driver.stop()
 
 
