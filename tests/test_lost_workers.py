@@ -129,3 +129,25 @@ def test_losses_are_counted_by_worker():
     assert failures.worker_lost("t", ActorDiedError()) == 3
     assert failures.worker_lost("t", ValueError("raised inside the trial")) == 3  # no worker lost
     assert failures.worker_lost("u", lost(7)) == 1  # per trial
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_the_searcher_finishes_only_once_none_of_its_trials_can_be_handed_on(tmp_path):
+    """With the queue empty, the last trials still running: ``suggest`` says "not now" (None),
+    not FINISHED, so a trial handed on after that still finds a Tune trial to run it."""
+    from qlsearch._drivers import FINISHED
+
+    ot, search, failures = searcher_and_failures(tmp_path, "last", max_retries=1)
+    running = []
+    while isinstance(config := search.suggest(f"tune-{len(running)}"), dict):  # the whole queue
+        running.append((f"tune-{len(running)}", config))
+    assert config is None and len(running) == len(ot.get_trials())
+    last_id, last_config = running.pop()
+    fail_as_tune_does(tune_trial(tmp_path, last_id), failures, search, [lost(7), lost(7)])
+    assert search.suggest("tune-again") == last_config
+    for trial_id, _ in [*running, ("tune-again", None)]:
+        search.on_trial_complete(trial_id, {"status": "completed", "val_mse": 0.5, "trainable_params": 10.0})
+    search.driver._idle_until = 0.0  # past the driver's pause between two looks at the queue
+    assert search.suggest("tune-end") == FINISHED
+    assert all(t.state == State.COMPLETE for t in ot.get_trials())
+    search.driver.stop()
