@@ -325,7 +325,8 @@ class StudySearch(OptunaSearch):
                 if trial_id not in self._ot_trials:
                     claimed = self._handed_on.pop(0)[1] if self._handed_on else \
                         self.driver.next_trial(self._ot_study)
-                    if claimed == FINISHED and any(t not in self._completed_trials for t in self._ot_trials):
+                    if claimed == FINISHED and self.study.max_retries and \
+                            any(t not in self._completed_trials for t in self._ot_trials):
                         return None  # a trial still running here may yet be handed on: ask again
                     if claimed is None or claimed == FINISHED:
                         return claimed
@@ -461,9 +462,9 @@ class StudySearch(OptunaSearch):
         the next Tune trial, which runs it afresh. ``WorkerFailures`` calls this when Tune gave
         up on the trial with retries left, having counted one lost worker twice. False, and
         nothing changes, when the trial is not this searcher's to hand on, or was handed on
-        once already. ``suggest`` says FINISHED only once none of its trials runs, so a
-        Tune trial takes it; one still handed on when the sweep ends anyway (interrupted) is
-        told FAIL, with ``reason``."""
+        once already. With retries (only then can a trial be handed on), ``suggest`` says
+        FINISHED only once none of its trials runs, so a Tune trial takes it; one still handed
+        on when the sweep ends anyway (interrupted) is told FAIL, with ``reason``."""
         ot_trial = self._ot_trials.get(trial_id)
         if self.outage is not None or trial_id in self._completed_trials or ot_trial is None \
                 or ot_trial.number in self._handed_on_numbers:
