@@ -293,15 +293,35 @@ def open_storage(url: str, retry_seconds: float = DEFAULT_RETRY_SECONDS, **kwarg
     engine_kwargs = {"pool_pre_ping": True, **kwargs.pop("engine_kwargs", {})}
     if full.startswith("postgresql+psycopg"):  # an unknown or silent host fails, not hangs
         engine_kwargs.setdefault("connect_args", {"connect_timeout": 10})
-    try:
-        return RetryingStorage(full, retry_seconds, user_url=url, engine_kwargs=engine_kwargs, **kwargs)
-    except Exception as err:
-        from sqlalchemy.exc import SQLAlchemyError
+    for tries_left in range(SCHEMA_RACE_TRIES - 1, -1, -1):
+        try:
+            return RetryingStorage(full, retry_seconds, user_url=url, engine_kwargs=engine_kwargs, **kwargs)
+        except Exception as err:
+            from sqlalchemy.exc import SQLAlchemyError
 
-        if isinstance(err, SQLAlchemyError) or is_transient(err) or any(
-                isinstance(e, SQLAlchemyError) for e in _chain(err)):
-            raise unavailable(url, err) from None
-        raise
+            if tries_left and schema_race(err):
+                time.sleep(0.2)
+                continue
+            if isinstance(err, SQLAlchemyError) or is_transient(err) or any(
+                    isinstance(e, SQLAlchemyError) for e in _chain(err)):
+                raise unavailable(url, err) from None
+            raise
+
+
+#: Tries to open a new database that other processes are opening too (``schema_race``).
+SCHEMA_RACE_TRIES = 5
+
+
+def schema_race(err: BaseException) -> bool:
+    """Whether opening a storage failed because another process created the same new
+    database's tables at the same moment. Optuna creates them on first use, unguarded
+    (optuna/optuna#1092): two drivers of one study, or ``qlsearch status`` beside a starting
+    sweep, can both find the database empty, and the slower one fails on a table or version
+    row the other made ("table studies already exists", "UNIQUE constraint failed:
+    alembic_version.version_num"). Opening again finds the schema made."""
+    from sqlalchemy import exc
+
+    return any(isinstance(e, exc.IntegrityError) or "already exists" in str(e) for e in _chain(err))
 
 
 # ---- results the storage could not take ----------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -188,7 +189,8 @@ def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path, ray_s
                           f"{[(t.state.name, t.user_attrs.get('failure')) for t in trials]}); its log ends:\n"
                           + log.read_text(errors="replace")[-4000:])
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+        with contextlib.suppress(ProcessLookupError):  # (gone already when the driver failed)
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
         proc.wait()
     before = {t.number: t.values for t in finished}
 
