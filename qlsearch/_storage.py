@@ -166,6 +166,22 @@ def is_transient(err: BaseException) -> bool:
                for e in _chain(err))
 
 
+#: Tries to open a new database that other processes are opening too (``schema_race``).
+SCHEMA_RACE_TRIES = 5
+
+
+def schema_race(err: BaseException) -> bool:
+    """Whether opening a storage failed because another process created the same new
+    database's tables at the same moment. Optuna creates them on first use, unguarded
+    (optuna/optuna#1092): two drivers of one study, or ``qlsearch status`` beside a starting
+    sweep, can both find the database empty, and the slower one fails on a table or version
+    row the other made ("table studies already exists", "UNIQUE constraint failed:
+    alembic_version.version_num"). Opening again finds the schema made."""
+    from sqlalchemy import exc
+
+    return any(isinstance(e, exc.IntegrityError) or "already exists" in str(e) for e in _chain(err))
+
+
 def cause(err: BaseException) -> str:
     """The database driver's own first line (``server closed the connection unexpectedly``),
     not the wrappers SQLAlchemy and Optuna put around it."""
@@ -307,21 +323,6 @@ def open_storage(url: str, retry_seconds: float = DEFAULT_RETRY_SECONDS, **kwarg
                 raise unavailable(url, err) from None
             raise
 
-
-#: Tries to open a new database that other processes are opening too (``schema_race``).
-SCHEMA_RACE_TRIES = 5
-
-
-def schema_race(err: BaseException) -> bool:
-    """Whether opening a storage failed because another process created the same new
-    database's tables at the same moment. Optuna creates them on first use, unguarded
-    (optuna/optuna#1092): two drivers of one study, or ``qlsearch status`` beside a starting
-    sweep, can both find the database empty, and the slower one fails on a table or version
-    row the other made ("table studies already exists", "UNIQUE constraint failed:
-    alembic_version.version_num"). Opening again finds the schema made."""
-    from sqlalchemy import exc
-
-    return any(isinstance(e, exc.IntegrityError) or "already exists" in str(e) for e in _chain(err))
 
 
 # ---- results the storage could not take ----------------------------------------------
