@@ -129,13 +129,21 @@ def test_adapted_copies_share_the_frozen_weights_and_leave_the_base_alone(qwen):
             assert frozen == shared, s.name
 
 
-def test_round_robin_calls_each_method_once_per_round_rotating_the_start():
+def test_rounds_call_each_method_once_and_no_method_always_follows_the_same_one():
     order: list[str] = []
-    calls = {name: (lambda name=name: order.append(name)) for name in "abc"}
+    calls = {name: (lambda name=name: order.append(name)) for name in "abcd"}
     warm_up(calls, rounds=1)
-    samples = timed_rounds(calls, Clock("cpu"), repeats=3)
-    assert order == list("abc" "abc" "bca" "cab")
-    assert all(len(x) == 3 for x in samples.values())
+    assert order == list("abcd")
+    order.clear()
+    samples = timed_rounds(calls, Clock("cpu"), repeats=12)
+    rounds = [order[i:i + 4] for i in range(0, len(order), 4)]
+    assert all(sorted(r) == list("abcd") for r in rounds)
+    assert all(len(x) == 12 for x in samples.values())
+    before = {name: {r[r.index(name) - 1] for r in rounds if r.index(name) > 0} for name in "abcd"}
+    assert all(len(b) >= 2 for b in before.values()), before  # a rotated fixed order gives 1 each
+    order.clear()
+    timed_rounds(calls, Clock("cpu"), repeats=12)
+    assert [order[i:i + 4] for i in range(0, len(order), 4)] == rounds  # reproducible
 
 
 def test_machine_tag_is_a_file_name():

@@ -117,6 +117,55 @@ def test_merged_decoding_in_bfloat16_gives_the_unmerged_tokens():
     assert torch.equal(merged, generate(model, x).sequences)
 
 
+def merged_weights_while_decoding(model, x) -> list[torch.Tensor]:
+    """The weights in the adapted places at the first decode step of one ``generate`` (the
+    tensors themselves: a later merge may write them)."""
+    seen: list[torch.Tensor] = []
+
+    def look(module, args, kwargs):
+        places = [model.base_model.get_submodule(n) for n in model.adapted]
+        if not seen and not isinstance(places[0], QueryableLinear):
+            seen.extend(m.weight for m in places)
+
+    handle = model.base_model.register_forward_pre_hook(look, with_kwargs=True)
+    try:
+        generate(model, x)
+    finally:
+        handle.remove()
+    return seen
+
+
+def test_merged_weights_live_in_buffers_kept_between_calls_until_training():
+    """Each call merges into the same memory (no allocation per call; fixed addresses for a
+    compiled step), whatever the route; entering training frees it."""
+    import gc
+    import weakref
+
+    model = adapted("qwen2")
+    first = merged_weights_while_decoding(model, tokens(batch=1, length=5, seed=1))
+    values = [w.clone() for w in first]
+    second = merged_weights_while_decoding(model, tokens(batch=1, length=5, seed=2))
+    assert len(first) == len(model.adapted)
+    assert [w.data_ptr() for w in first] == [w.data_ptr() for w in second]
+    assert not all(torch.equal(a, b) for a, b in zip(values, second, strict=True))  # another route
+    buffers = [weakref.ref(w._base) for w in second]
+    del first, second
+    model.train()
+    gc.collect()
+    assert all(b() is None for b in buffers)
+
+
+def test_merged_decoding_follows_the_model_to_another_dtype():
+    model = adapted("qwen2")
+    x = tokens(batch=1, length=5)
+    generate(model, x)  # buffers made for float32
+    model.to(torch.bfloat16)
+    merged = generate(model, x).sequences
+    assert all(w.dtype == torch.bfloat16 for w in merged_weights_while_decoding(model, x))
+    model.merge_decode = False
+    assert torch.equal(merged, generate(model, x).sequences)
+
+
 def compiled_static() -> dict:
     """transformers' static cache with its compiled decode step; on a CPU transformers compiles
     only when told to. Backend ``eager``: dynamo's tracing (what the adapter can break), fast."""

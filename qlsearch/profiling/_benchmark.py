@@ -344,7 +344,7 @@ def _profile(settings: ProfileSettings, progress: Callable[[str], None] | None) 
             "model_type", "num_hidden_layers", "hidden_size", "intermediate_size",
             "num_attention_heads", "num_key_value_heads", "vocab_size")},
         "timer": clock.name,
-        "statistic": "median over repeats after warm-up; methods interleaved round-robin",
+        "statistic": "median over repeats after warm-up; methods interleaved, each round in its own seeded random order",
         "compiled_phases": [phase for phase, ran in (("forward", True), ("train", bool(train)), ("decode", decodes))
                             if ran] if settings.compile else [],
         "decode_cache": None if not decodes else (

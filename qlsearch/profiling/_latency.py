@@ -17,7 +17,7 @@ A measurement is fair because:
   quiet lock (``_quiet.py``), which every trial yields at its next forward;
 * the configuration is interleaved in one process with the frozen model and a
   fixed reference, PEFT LoRA at rank ``REFERENCE_RANK`` on the same targets, at
-  the trial's own inputs (``_timing.py``: rounds rotate, medians, spreads);
+  the trial's own inputs (``_timing.py``: rounds in shuffled order, medians, spreads);
 * ``forward_ratio`` divides by that reference, so ratios from trials measured
   hours apart, or under different background noise, stay comparable: the
   reference is fixed, not the trial's own rank.

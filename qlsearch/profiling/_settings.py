@@ -137,7 +137,7 @@ class ProfileSettings:
 
     @property
     def measured(self) -> tuple[str, ...]:
-        """Every model timed, in round-robin order: the frozen base, LoRA and its
+        """Every model timed, in build order: the frozen base, LoRA and its
         ``references``, then the rest."""
         rest = [m for m in dict.fromkeys(self.methods) if m not in (FROZEN, REFERENCE)]
         return (FROZEN, REFERENCE, *self.references, *rest)

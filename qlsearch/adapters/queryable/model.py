@@ -13,11 +13,8 @@ holds the routes of the prefill: the route is computed once from the prompt.
 
 Decoding one prompt (batch 1, beams and ``num_return_sequences`` included: their
 rows repeat the one prompt, so they share its route) merges each projection's
-whole update into a new weight ``W0 + (alpha/r) B (I + g S_b) A`` after prefill and
-puts a plain linear (``_MergedLinear``) holding it in the projection's place until ``generate``
-returns: a merge reaches the frozen model's speed only if the wrapper also leaves
-the call path (DESIGN.md). ``W0`` is never written, so restoring is exact (the
-original modules go back) and models sharing ``W0`` are untouched. Batches of
+whole update into its weight after prefill and puts plain linears holding the merged
+weights in the adapted places until ``generate`` returns (``merge.py``). Batches of
 several prompts use the folded batched matmul instead (``QueryableLinear``).
 """
 
@@ -29,7 +26,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qlsearch.adapters._wrapper import (
@@ -42,6 +38,7 @@ from qlsearch.adapters._wrapper import (
 from qlsearch.adapters.queryable.config import QueryableConfig
 from qlsearch.adapters.queryable.encoder import InstructionEncoder
 from qlsearch.adapters.queryable.layer import QueryableLinear
+from qlsearch.adapters.queryable.merge import WeightMerge
 from qlsearch.adapters.queryable.router import AtomRouter
 from qlsearch.adapters.queryable.state import RoutingState, token_weights_from_mask
 
@@ -148,8 +145,7 @@ class QueryableModel(AdapterModel):
         self._call = _Call()
         #: Merge the update into the weights while decoding one prompt (False: fold per example).
         self.merge_decode = True
-        self._merged: list[tuple[dict, str, QueryableLinear]] = []  # swapped out now
-        self._merge_groups: tuple | None = None  # ((device, dtype), _merge_plan(...)), made at the first merge
+        self._merge: WeightMerge | None = None  # made at the first merge, freed by train()
         self._encoder: InstructionEncoder | None = None
         base_model.register_forward_pre_hook(self._begin_forward, with_kwargs=True)
 
@@ -244,53 +240,25 @@ class QueryableModel(AdapterModel):
             if generating:
                 self.state.hold = False
 
-    @torch.no_grad()
     def _merge_updates(self) -> None:
-        """Swap every adapted projection for a plain linear holding ``W0 + (alpha/r) B (I + g S_b) A``
-        of the held route (row 0: every row decodes the same prompt), once per ``generate``
-        call and inside its time. The small factors ``(alpha/r)(I + g S_b) A`` of the
-        projections of one shape are made by one ``bmm``; each merged weight is then one
-        ``addmm``, which reads ``W0`` and writes the new weight once (the least traffic a
-        merge can have; stacking the weights for one batched GEMM would copy them twice).
-        Everything that does not depend on the route or the weights' values (the groups,
-        where each projection sits) is made at the first merge (on the 24-layer
-        launch-bound config, a merge went from 12-15 ms to 9-10 ms, most of it the ``addmm``s)."""
-        ref = self.router.atom_keys
-        if self._merge_groups is None or self._merge_groups[0] != (ref.device, ref.dtype):
-            self._merge_groups = ((ref.device, ref.dtype), self._merge_plan(ref.device))
-        rows = torch.cat([self.state.routes[b].mixer_stack[:, 0] for b in range(len(self.state.blocks))])
-        for index, places in self._merge_groups[1]:
-            A = torch.stack([layer.lora_A for _, _, layer, _ in places])
-            folded = torch.bmm(rows.index_select(0, index).transpose(1, 2).to(A.dtype), A)  # the rows carry alpha/r
-            for (modules, child, layer, merged), factor in zip(places, folded.unbind(0), strict=True):
-                w = layer.base_layer.weight
-                B = layer.lora_B
-                if B.dtype != w.dtype:
-                    B, factor = B.to(w.dtype), factor.to(w.dtype)
-                merged.__dict__["weight"] = torch.addmm(w, B, factor)  # a plain tensor: no Module.__setattr__
-                modules[child] = merged  # nn.Module's own registry: no __setattr__ checks
-                self._merged.append((modules, child, layer))
-
-    def _merge_plan(self, device: torch.device) -> list[tuple[Tensor, list]]:
-        """Per group of projections with one ``A`` shape: their gate indices (rows of the
-        routes' stacked mixers), and where each sits (its parent's module registry, its
-        name, the layer, the stand-in ``_MergedLinear``)."""
-        groups: dict[tuple, list] = {}
-        for name, layer in zip(self.adapted, self.adapted_layers(), strict=True):
-            parent, _, child = name.rpartition(".")
-            place = (self.base_model.get_submodule(parent)._modules, child, layer, _MergedLinear(layer.base_layer))
-            groups.setdefault(tuple(layer.lora_A.shape), []).append(place)
-        return [(torch.tensor([layer.index for _, _, layer, _ in places], device=device), places)
-                for places in groups.values()]
+        """Merge the held route (row 0: every row decodes the same prompt) into the weights
+        and swap the merged linears in, once per ``generate`` call and inside its time."""
+        if self._merge is None or not self._merge.fits():
+            self._merge = WeightMerge(self.base_model, list(zip(self.adapted, self.adapted_layers(), strict=True)))
+        routes = self.state.routes
+        self._merge.merge(torch.cat([routes[b].mixer_stack[:, 0] for b in range(len(self.state.blocks))]))
 
     def _restore_updates(self) -> None:
-        """Put the adapted projections back (``W0`` was never written: exact, bit for bit)."""
-        while self._merged:
-            modules, child, layer = self._merged.pop()
-            modules[child] = layer
-        for *_, places in self._merge_groups[1] if self._merge_groups else ():
-            for *_, merged in places:
-                merged.__dict__["weight"] = None  # free the merged weights between calls
+        if self._merge is not None:
+            self._merge.restore()
+
+    def train(self, mode: bool = True) -> QueryableModel:
+        """As ``nn.Module.train``; entering training also frees the merged weights' buffers
+        (a copy of the adapted weights, kept for decoding: ``merge.py``)."""
+        if mode:
+            self._restore_updates()
+            self._merge = None
+        return super().train(mode)
 
     def forward(self, *args, instruction: Instruction = None, route_mask: Tensor | None = None, **kwargs):
         with self._context(instruction, route_mask, generating=False):
@@ -377,20 +345,6 @@ class _Call:
     generating: bool = False
     prefilled: bool = False  # generating, and the prompt's forward has run
     mergeable: bool = False  # generating one prompt in eval mode: decode merged
-
-
-class _MergedLinear(nn.Module):
-    """What stands in an adapted projection's place while one prompt decodes: ``F.linear``
-    with the merged weight (a plain tensor, set per call) and the base layer's bias."""
-
-    def __init__(self, base: nn.Linear):
-        super().__init__()
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.bias = base.bias
-        self.weight: Tensor | None = None
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
 
 
 def _rows_for(x: Tensor | None, batch: int | None, name: str) -> Tensor | None:
