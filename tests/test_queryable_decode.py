@@ -155,6 +155,21 @@ def test_merged_weights_live_in_buffers_kept_between_calls_until_training():
     assert all(b() is None for b in buffers)
 
 
+@pytest.mark.parametrize("modes", [("inference", "no_grad"), ("no_grad", "inference")])
+def test_merged_decoding_works_under_either_grad_mode_whichever_came_first(modes):
+    """The buffers made by the first merge are written by every later one, whatever mode it runs in
+    (tensors made under ``inference_mode`` cannot be written outside it)."""
+    model = adapted("qwen2")
+    x = tokens(batch=1, length=5)
+    contexts = {"inference": torch.inference_mode, "no_grad": torch.no_grad}
+    kw = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    outs = []
+    for mode in modes:
+        with contexts[mode]():
+            outs.append(model.generate(input_ids=x, attention_mask=torch.ones_like(x), **kw))
+    assert torch.equal(*outs)
+
+
 def test_merged_decoding_follows_the_model_to_another_dtype():
     model = adapted("qwen2")
     x = tokens(batch=1, length=5)

@@ -78,6 +78,7 @@ class WeightMerge:
         self.active = False
 
     @staticmethod
+    @torch.inference_mode(False)  # a first merge under inference_mode makes buffers a later one can write
     def _group(base_model: nn.Module, members: list[tuple[str, QueryableLinear]]) -> _Group:
         layers = [layer for _, layer in members]
         w = layers[0].base_layer.weight
