@@ -324,7 +324,6 @@ def open_storage(url: str, retry_seconds: float = DEFAULT_RETRY_SECONDS, **kwarg
             raise
 
 
-
 # ---- results the storage could not take ----------------------------------------------
 
 

@@ -121,6 +121,11 @@ class QueryableLinear(nn.Module):
             y = y.addmm_(t, ops.B_t) if y.dtype == ops.B_t.dtype else torch.addmm(y, t, ops.B_t)
         return y if flat else y.view(*x.shape[:-1], -1)
 
+    def _A_t(self, ops: Operands) -> Tensor:
+        """``A^T``: the operands', or made here where they leave it to the unit's stacked GEMM
+        (read only where needed: under a precision policy each read of ``lora_A`` is a cast)."""
+        return self.lora_A.t() if ops.A_t is None else ops.A_t
+
     def _down(self, x: Tensor, rows: Tensor, ops: Operands, router: AtomRouter, state: RoutingState) -> Tensor:
         """``s = A dropout(x)`` as (rows, r); on its unit's first state projection, also the unit
         state (eq. 15-16: the mean over Q, K, V of the token-averaged ``A^p x``), and on its
@@ -142,12 +147,12 @@ class QueryableLinear(nn.Module):
                 return made[1][self.state_slot]
         records = self.records_state and not state.hold
         if self.dropout_p and self.training:  # each projection its own dropout mask: no shared GEMM
-            s = torch.mm(self.dropout(rows), self.lora_A.t() if ops.A_t is None else ops.A_t)
+            s = torch.mm(self.dropout(rows), self._A_t(ops))
             if records:
                 self._record_unit_state(torch.mm(state.token_mean(x), ops.state_A_t), router, state)
             return s
         if not self.state_layers:  # A^T is None for a state projection whose x was not its unit's
-            return torch.mm(rows, self.lora_A.t() if ops.A_t is None else ops.A_t)
+            return torch.mm(rows, self._A_t(ops))
         stacked = torch.mm(rows, ops.state_A_t)  # (rows, P r)
         if records:
             self._record_unit_state(stacked if x.dim() == 2 else state.token_mean(stacked.view(*x.shape[:-1], -1)),
@@ -171,8 +176,7 @@ class QueryableLinear(nn.Module):
         ``(alpha/r)(I + g S_b) A`` (batch, r, d_in), which every decode step then reads
         (``QueryableModel._hold_routes`` folds once per held route)."""
         mixer = route.mixers_t[self.slot].transpose(1, 2)  # (alpha/r)(I + g S_b)
-        ops = self.fixed or self.operands()
-        self._folded = mixer @ (self.lora_A if ops.A_t is None else ops.A_t.t())
+        self._folded = mixer @ self._A_t(self.fixed or self.operands()).t()
 
 
 class Operands(NamedTuple):

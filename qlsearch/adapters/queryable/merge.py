@@ -73,7 +73,6 @@ class WeightMerge:
         for name, layer in named:
             w = layer.base_layer.weight
             groups.setdefault((tuple(w.shape), w.dtype, w.device), []).append((name, layer))
-        self.key = named[0][1].base_layer.weight.dtype, named[0][1].base_layer.weight.device
         self.groups = [self._group(base_model, members) for members in groups.values()]
         self.active = False
 
@@ -97,8 +96,8 @@ class WeightMerge:
     def fits(self) -> bool:
         """Whether the buffers still match the base weights' dtype and device (the model may
         have moved since they were made)."""
-        w = self.groups[0].layers[0].base_layer.weight
-        return self.key == (w.dtype, w.device)
+        w, buffer = self.groups[0].layers[0].base_layer.weight, self.groups[0].weights
+        return (w.dtype, w.device) == (buffer.dtype, buffer.device)
 
     @torch.no_grad()
     def merge(self, mixers: Tensor) -> None:
