@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
@@ -14,6 +15,7 @@ from qlsearch.adapters.queryable import (
     QueryableConfig,
     QueryableLinear,
     QueryableModel,
+    rms_norm,
     top_k_softmax,
 )
 from tests.conftest import VOCAB, randomize_adapter, tiny_mlp, tiny_qwen2
@@ -248,6 +250,22 @@ def test_route_matches_a_per_example_loop_of_the_papers_equations():
                 g = torch.sigmoid(router.gate_logits[p])
                 # the mixers carry the LoRA scale alpha/r = 6/4
                 torch.testing.assert_close(route.mixers_t[slot][n], 1.5 * (torch.eye(4) + g * S).T)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_router_rms_norm_is_torchs(dtype):
+    """The router's CPU spelling of RMSNorm (spelled out for speed) against ``F.rms_norm``: the
+    same values and dtype, with and without a weight, and the same gradient up to rounding."""
+    torch.manual_seed(0)
+    x = (3 * torch.randn(5, 3, 16)).to(dtype).requires_grad_()
+    weight = torch.full((16,), 0.3, dtype=dtype)
+    for w in (None, weight):
+        ours, theirs = rms_norm(x, w), F.rms_norm(x, (16,), w, eps=1e-6)
+        assert ours.dtype == dtype
+        assert torch.equal(ours, theirs)
+        grad = torch.randn_like(ours)
+        torch.testing.assert_close(torch.autograd.grad(ours, x, grad)[0], torch.autograd.grad(theirs, x, grad)[0])
+    assert torch.equal(rms_norm(torch.zeros(2, 4)), torch.zeros(2, 4))
 
 
 class _Attention(nn.Module):

@@ -41,9 +41,21 @@ from qlsearch.adapters.queryable.config import QueryableConfig
 RMS_EPS = 1e-6
 
 
-def rms_norm(x: Tensor, eps: float = RMS_EPS) -> Tensor:
-    """``x / RMS_eps(x)`` over the last dimension (no learnable weight)."""
-    return F.rms_norm(x, x.shape[-1:], eps=eps)
+def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = RMS_EPS) -> Tensor:
+    """``x / RMS_eps(x)`` over the last dimension, times ``weight`` if given (the router's
+    norms have no learnable weight; ``weight`` carries a constant scale).
+
+    ``F.rms_norm`` is one fused kernel on CUDA. On a CPU torch computes it as the same few
+    ops plus dtype round trips and dispatch layers that cost as much as the ops at a route's
+    sizes (12 against 9 us on 64 x 64; inside a deep-MLP forward, whose four routes make
+    eight norms, 4 % of the forward), so there it is spelled out, in float32 or wider as
+    torch does: the same to the bit in float32.
+    """
+    if not x.is_cpu:
+        return F.rms_norm(x, x.shape[-1:], weight, eps)
+    wide = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    y = wide * (wide * wide).mean(-1, keepdim=True).add_(eps).rsqrt_()
+    return (y if weight is None else y * weight).to(x.dtype)
 
 
 def top_k_softmax(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -192,14 +204,13 @@ class AtomRouter(nn.Module):
         if block_means.shape[1] == 1:
             return block_means[:, 0], block_means.new_ones(block_means.shape[0], 1)
         const = self.constants() if constants is None else constants
-        d_k = self.config.d_k
-        # the logits' 1/(sqrt(d_k) T_dep) rides on the query's RMSNorm as its weight: one op fewer
-        q = F.rms_norm(F.linear(pre_query, const.depth_query), (d_k,), const.depth_scale, RMS_EPS)
+        # the logits' 1/(sqrt(d_k) T_dep) rides on the query's RMSNorm as its weight
+        q = rms_norm(F.linear(pre_query, const.depth_query), const.depth_scale)
         keys = rms_norm(F.linear(block_means, const.depth_key))  # (b, i, d_k)
-        # broadcast products, not bmm: a batch of tiny matrix products is the slowest way to
-        # do this little work on a CPU (measured: the route's share of a deep-MLP forward)
-        beta = torch.softmax((keys * q.unsqueeze(1)).sum(-1), dim=-1)
-        return (beta.unsqueeze(-1) * block_means).sum(1), beta
+        # one bmm each, where a broadcast product and a sum were two ops (a sum over the
+        # middle dimension is the slower op on a CPU)
+        beta = torch.softmax(torch.bmm(keys, q.unsqueeze(2)).squeeze(2), dim=-1)
+        return torch.bmm(beta.unsqueeze(1), block_means).squeeze(1), beta
 
     def logits(self, query: Tensor, log_prior: Tensor | None, constants: RouteConstants | None = None) -> Tensor:
         """Fused logits ``zeta + tau_lang log p`` (eq. 3 / 36); ``constants`` as ``constants()``
