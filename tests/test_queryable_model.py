@@ -79,12 +79,13 @@ def test_each_projection_reads_its_own_gate():
     assert not torch.equal(run(model, x), before)
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "mlp"])
-def test_the_inference_form_computes_the_training_forms_outputs(kind):
+@pytest.mark.parametrize(("kind", "targets"), [("qwen2", None), ("qwen2", ["o_proj", "up_proj"]), ("mlp", None)])
+def test_the_inference_form_computes_the_training_forms_outputs(kind, targets):
     """The inference form applies each gate as a fixed number to ``S_b`` itself and reads its
     operands once (``QueryableModel.fold``): the same outputs up to float32 rounding, on sequences
-    and on the rows of a plain MLP, with gates that differ per projection; unfolded after."""
-    model = adapted(kind, num_blocks=3)
+    and on the rows of a plain MLP, with gates that differ per projection; unfolded after. With
+    ``o_proj`` and ``up_proj`` adapted, each unit's state is its one state projection's (no Q, K, V)."""
+    model = adapted(kind, num_blocks=3, **({} if targets is None else {"target_modules": targets}))
     with torch.no_grad():
         model.router.gate_logits.normal_(generator=torch.Generator().manual_seed(3))
     x = tokens() if kind == "qwen2" else torch.randn(5, 2)
@@ -306,3 +307,25 @@ def test_registry_lists_methods_and_suggests_names():
     assert {"lora", "dora", "queryable", "instr-queryable"} <= set(names)
     with pytest.raises(ValueError, match="Did you mean 'queryable'"):
         get_method("queryable-lora")
+
+
+class _BackwardsLayers(torch.nn.Module):
+    """Runs its layers last to first: each block's entry (its first layer in module order) runs late."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(2)])
+
+    def forward(self, x):
+        for layer in reversed(self.layers):
+            x = layer(x)
+        return x
+
+
+def test_a_projection_that_runs_before_its_blocks_entry_is_a_clear_error():
+    model = QueryableModel(_BackwardsLayers(), QueryableConfig(r=2, num_blocks=1, d_k=4, seed=0))
+    with pytest.raises(RuntimeError, match="block 0 has no route"):
+        model(torch.randn(3, 4))  # the training form
+    model.eval()
+    with inference_form(model), pytest.raises(RuntimeError, match="block 0 has no route"):
+        model(torch.randn(3, 4))
