@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qlsearch.adapters._precision import inference_form
 from qlsearch.adapters.queryable import QueryableLinear
 from tests.test_queryable_model import adapted, tokens
 
@@ -168,6 +169,29 @@ def test_merged_decoding_works_under_either_grad_mode_whichever_came_first(modes
         with contexts[mode]():
             outs.append(model.generate(input_ids=x, attention_mask=torch.ones_like(x), **kw))
     assert torch.equal(*outs)
+
+
+def test_the_inference_form_keeps_the_stacked_factors_and_a_new_one_reads_the_weights_anew():
+    """Inside the inference form (weights fixed) every merge reuses the stacked ``A`` and ``B``;
+    leaving it drops them, so weights changed before the next fold are the ones merged."""
+    model = adapted("qwen2")
+    x = tokens(batch=1, length=5)
+    with inference_form(model):
+        generate(model, x)
+        kept = [g.factors for g in model._merge.groups]
+        generate(model, x, num_beams=2)
+        for g, (A, B) in zip(model._merge.groups, kept, strict=True):  # the very same tensors
+            assert g.factors[0] is A and g.factors[1] is B
+    assert all(g.factors is None for g in model._merge.groups)
+    with torch.no_grad():  # an edit in eval mode, between two inference forms
+        for layer in model.adapted_layers():
+            layer.lora_B.mul_(-3.0)
+    with inference_form(model):
+        merged = generate(model, x)
+        model.merge_decode = False
+        unmerged = generate(model, x)
+    for a, b in zip(merged.scores, unmerged.scores, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_merged_decoding_follows_the_model_to_another_dtype():

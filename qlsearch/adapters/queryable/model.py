@@ -246,7 +246,8 @@ class QueryableModel(AdapterModel):
         if self._merge is None or not self._merge.fits():
             self._merge = WeightMerge(self.base_model, list(zip(self.adapted, self.adapted_layers(), strict=True)))
         routes = self.state.routes
-        self._merge.merge(torch.cat([routes[b].mixer_stack[:, 0] for b in range(len(self.state.blocks))]))
+        mixers = torch.cat([routes[b].mixer_stack[:, 0] for b in range(len(self.state.blocks))])
+        self._merge.merge(mixers, keep_factors=self.state.fixed_constants is not None)  # the inference form
 
     def _restore_updates(self) -> None:
         if self._merge is not None:
@@ -287,7 +288,10 @@ class QueryableModel(AdapterModel):
         instead of per forward. A fixed ``g`` lets each projection apply ``I + g S_b`` as one
         ``baddbmm`` on ``S_b`` itself, so no route makes mixers. Outputs are those of the
         training form up to rounding (``s + g s S_b^T`` instead of ``s (I + g S_b)^T``);
-        ``unfold()`` before training again (none of this follows optimizer steps)."""
+        ``unfold()`` before training again (none of this follows optimizer steps). Decoding one
+        prompt in this form keeps the stacked ``A`` and ``B`` between merges (``WeightMerge``),
+        made afresh by each ``fold``."""
+        self._forget_merge_factors()
         with torch.no_grad():
             self.state.fixed_constants = self.router.constants()
             gates = self.state.fixed_constants.gates.view(-1).tolist()
@@ -298,6 +302,11 @@ class QueryableModel(AdapterModel):
         self.state.fixed_constants = None
         for layer in self.adapted_layers():
             layer.fixed = None
+        self._forget_merge_factors()
+
+    def _forget_merge_factors(self) -> None:
+        if self._merge is not None:
+            self._merge.forget_factors()
 
     def gradient_checkpointing_enable(self, **kwargs) -> None:
         """Non-reentrant checkpointing, so recomputed layers read the forward's routes."""
