@@ -47,15 +47,15 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = RMS_EPS) -> T
 
     ``F.rms_norm`` is one fused kernel on CUDA. On a CPU torch computes it as the same few
     ops plus dtype round trips and dispatch layers that cost as much as the ops at a route's
-    sizes (12 against 9 us on 64 x 64), so there it is spelled out, in float32 or wider as
-    torch does: the same to the bit in float32. With the depth attention's ``bmm``s, 1.5 % of
-    a deep-MLP forward (four routes, eight norms; old and new router alternated in one process).
+    sizes (12 against 9 us on 64 x 64), so float32 on a CPU is spelled out here, with as
+    little Python as can be: the same to the bit. Other dtypes keep torch's (which computes
+    bf16 in float32). With the depth attention's ``bmm``s, 3-5 % of a deep-MLP forward
+    (four routes, eight norms; old and new router alternated in one process).
     """
-    if not x.is_cpu:
-        return F.rms_norm(x, x.shape[-1:], weight, eps)
-    wide = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    y = wide * (wide * wide).mean(-1, keepdim=True).add_(eps).rsqrt_()
-    return (y if weight is None else y * weight).to(x.dtype)
+    if x.is_cpu and x.dtype is torch.float32:
+        y = x * (x * x).mean(-1, keepdim=True).add_(eps).rsqrt_()
+        return y if weight is None else y * weight
+    return F.rms_norm(x, x.shape[-1:], weight, eps)
 
 
 def top_k_softmax(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
