@@ -60,8 +60,8 @@ class _Group:
     places: list[tuple[dict, str]]  # each one's parent's module registry and its name there
     merged: list[MergedLinear]  # each one's stand-in, whose weight is a view of ``weights``
     weights: Tensor  # (projections, d_out, d_in)
-    #: their ``A`` (n, r, d_in) and ``B`` (n, d_out, r) stacked, kept between merges while the
-    #: weights are fixed (``merge(keep_factors=True)``); None: stacked per merge
+    #: their ``A`` (n, r, d_in) and ``B`` (n, d_out, r, in the weights' dtype) stacked, kept
+    #: between merges while the weights are fixed (``merge(keep_factors=True)``); None: stacked per merge
     factors: tuple[Tensor, Tensor] | None = None
 
 
@@ -116,13 +116,14 @@ class WeightMerge:
         most of it reading 336 parameters through ``nn.Module.__getattr__``)."""
         self.active = True  # from here on, restore() puts back whatever was swapped
         for g in self.groups:
+            dtype = g.weights.dtype
             A, B = g.factors if keep_factors and g.factors is not None else (
-                torch.stack([layer.lora_A for layer in g.layers]), torch.stack([layer.lora_B for layer in g.layers]))
+                torch.stack([layer.lora_A for layer in g.layers]),
+                torch.stack([layer.lora_B for layer in g.layers]).to(dtype))
             g.factors = (A, B) if keep_factors else None
             factor = torch.bmm(mixers.index_select(0, g.index).transpose(1, 2).to(A.dtype), A)
             torch.stack([layer.base_layer.weight for layer in g.layers], out=g.weights)
-            dtype = g.weights.dtype
-            g.weights.baddbmm_(B.to(dtype), factor.to(dtype))
+            g.weights.baddbmm_(B, factor.to(dtype))
             for (registry, name), merged in zip(g.places, g.merged, strict=True):
                 registry[name] = merged  # nn.Module's own registry: no __setattr__ checks
 
