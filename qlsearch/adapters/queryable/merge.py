@@ -3,7 +3,7 @@
 After prefill the route is fixed, and with one prompt (beams and
 ``num_return_sequences`` repeat its rows) it is the same for every row, so each
 adapted projection's update ``(alpha/r) B (I + g S_b) A`` can be merged into its weight
-for the decode steps. The merged weight goes into a plain linear (``MergedLinear``)
+for the decode steps. The merged weight goes into an ``nn.Linear`` (``MergedLinear``)
 put in the projection's place: a merge reaches the frozen model's speed only if the
 adapter's module also leaves the call path (DESIGN.md). ``W0`` is never written, so
 restoring is putting the original modules back, exact bit for bit, and models that
@@ -31,24 +31,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qlsearch.adapters.queryable.layer import QueryableLinear
 
 
-class MergedLinear(nn.Module):
-    """What stands in an adapted projection's place while one prompt decodes: ``F.linear``
-    with the merged weight and the base layer's bias, both plain attributes (not registered:
-    they are read on every step, and the bias is the base layer's own)."""
+class MergedLinear(nn.Linear):
+    """What stands in an adapted projection's place while one prompt decodes: an ``nn.Linear``,
+    the frozen model's own module, whose weight is a view of the merged buffer and whose bias
+    is the base layer's own. Being the frozen model's module type, a decode step costs what
+    the frozen model's does, down to Python's attribute reads: a leaner stand-in holding its
+    tensors as plain attributes measured 2.9 % faster per step than the frozen model on the
+    launch-bound config (343.5 against 333.7 ms for 63 steps), an edge of the implementation
+    that any model could take, which the decode ratio would have credited to the method."""
 
     def __init__(self, base: nn.Linear, weight: Tensor):
-        super().__init__()
+        nn.Module.__init__(self)  # nn.Linear's own would allocate and initialise a weight
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.__dict__.update(weight=weight, bias=base.bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.register_parameter("bias", base.bias)
 
 
 @dataclass
