@@ -100,8 +100,10 @@ _INSTR = {**_QUERYABLE, "tau_lang": 1.0, "lambda_ctx": 1.0}
 _QUERYABLE_ADVANTAGE = (
     "its layers run one GEMM for the A of a unit's Q, K and V (which also gives the router its "
     "state) and add B's GEMM into the base output in place, where PEFT's LoRA layers run two "
-    "GEMMs, a scale and an add per projection: part of its latency against PEFT's methods is "
-    "this implementation, not the method (`qlsearch profile` counts each method's kernels)")
+    "GEMMs, a scale and an add per projection; they also run a plain linear base as its GEMM "
+    "on its weight (no module call) and, in the inference form, read their weights as plain "
+    "references made once (no nn.Module attribute lookups): part of its latency against PEFT's "
+    "methods is this implementation, not the method (`qlsearch profile` counts each method's kernels)")
 
 
 def _queryable_entry(name: str, defaults: dict, summary: str, instruction: bool = False) -> Method:
