@@ -77,6 +77,31 @@ def test_merged_decoding_takes_the_adapter_out_of_the_call_path():
         h.remove()
 
 
+def test_what_decodes_in_an_adapted_place_is_the_frozen_models_own_linear():
+    """Merged decoding is compared with the frozen model, so a step must cost what the frozen
+    model's does: the stand-in runs ``nn.Linear``'s own forward and reads registered
+    parameters as it does (a leaner module would be an edge of the implementation)."""
+    model = adapted("qwen2")
+    seen = []
+
+    def look(module, args, kwargs):
+        places = [model.base_model.get_submodule(n) for n in model.adapted]
+        if not seen and not isinstance(places[0], QueryableLinear):
+            seen.extend(places)
+
+    handle = model.base_model.register_forward_pre_hook(look, with_kwargs=True)
+    try:
+        generate(model, tokens(batch=1, length=5))
+    finally:
+        handle.remove()
+    assert len(seen) == len(model.adapted)
+    for place, layer in zip(seen, model.adapted_layers(), strict=True):
+        assert isinstance(place, torch.nn.Linear) and type(place).forward is torch.nn.Linear.forward
+        registered = {"weight"} | ({"bias"} if layer.base_layer.bias is not None else set())
+        assert {n for n, _ in place.named_parameters()} == registered
+        assert place.bias is layer.base_layer.bias and not place.weight.requires_grad
+
+
 def test_several_prompts_are_not_merged():
     model = adapted("qwen2")
     counts, _ = calls_of_adapted_layers(model)
