@@ -77,12 +77,10 @@ def test_merged_decoding_takes_the_adapter_out_of_the_call_path():
         h.remove()
 
 
-def test_what_decodes_in_an_adapted_place_is_the_frozen_models_own_linear():
-    """Merged decoding is compared with the frozen model, so a step must cost what the frozen
-    model's does: the stand-in runs ``nn.Linear``'s own forward and reads registered
-    parameters as it does (a leaner module would be an edge of the implementation)."""
-    model = adapted("qwen2")
-    seen = []
+def stand_ins_while_decoding(model, x) -> list[torch.nn.Module]:
+    """The modules in the adapted places at the first decode step of one ``generate`` (their
+    weights are the merged tensors themselves: a later merge may write them)."""
+    seen: list[torch.nn.Module] = []
 
     def look(module, args, kwargs):
         places = [model.base_model.get_submodule(n) for n in model.adapted]
@@ -91,9 +89,22 @@ def test_what_decodes_in_an_adapted_place_is_the_frozen_models_own_linear():
 
     handle = model.base_model.register_forward_pre_hook(look, with_kwargs=True)
     try:
-        generate(model, tokens(batch=1, length=5))
+        generate(model, x)
     finally:
         handle.remove()
+    return seen
+
+
+def merged_weights_while_decoding(model, x) -> list[torch.Tensor]:
+    return [m.weight for m in stand_ins_while_decoding(model, x)]
+
+
+def test_what_decodes_in_an_adapted_place_is_the_frozen_models_own_linear():
+    """Merged decoding is compared with the frozen model, so a step must cost what the frozen
+    model's does: the stand-in runs ``nn.Linear``'s own forward and reads registered
+    parameters as it does (a leaner module would be an edge of the implementation)."""
+    model = adapted("qwen2")
+    seen = stand_ins_while_decoding(model, tokens(batch=1, length=5))
     assert len(seen) == len(model.adapted)
     for place, layer in zip(seen, model.adapted_layers(), strict=True):
         assert isinstance(place, torch.nn.Linear) and type(place).forward is torch.nn.Linear.forward
@@ -141,24 +152,6 @@ def test_merged_decoding_in_bfloat16_gives_the_unmerged_tokens():
     merged = generate(model, x).sequences
     model.merge_decode = False
     assert torch.equal(merged, generate(model, x).sequences)
-
-
-def merged_weights_while_decoding(model, x) -> list[torch.Tensor]:
-    """The weights in the adapted places at the first decode step of one ``generate`` (the
-    tensors themselves: a later merge may write them)."""
-    seen: list[torch.Tensor] = []
-
-    def look(module, args, kwargs):
-        places = [model.base_model.get_submodule(n) for n in model.adapted]
-        if not seen and not isinstance(places[0], QueryableLinear):
-            seen.extend(m.weight for m in places)
-
-    handle = model.base_model.register_forward_pre_hook(look, with_kwargs=True)
-    try:
-        generate(model, x)
-    finally:
-        handle.remove()
-    return seen
 
 
 def test_merged_weights_live_in_buffers_kept_between_calls_until_training():
